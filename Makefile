@@ -1,0 +1,48 @@
+# Each target delegates to one tool; all of them install what they need and are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod \
+	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf
+BENCH_APT_PACKAGES := haproxy socat mptcpd
+
+.PHONY: all deps venv build debug test demo bench wheel testinstalled man lint clean
+
+all: build
+
+# apt packages the tests and the demo run (only what is missing; apt-get update once)
+deps:
+	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# the Cython extension, in place
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+debug: venv
+	MPTCPPROXY_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+test: deps build
+	MPTCPPROXY_REQUIRE_EXTENSION=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+demo: deps build
+	$(PY) bench/demo.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build dist wheelhouse *.egg-info mptcpproxy/*.so mptcpproxy/_relay.c mptcpproxy/*.html

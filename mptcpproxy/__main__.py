@@ -1,0 +1,3 @@
+from mptcpproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,594 @@
+# The relay engine: one epoll per worker thread, edge-triggered, recv/send on raw fds,
+# the whole loop inside `with nogil`. See DESIGN.md "The relay, precisely".
+cimport cython
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
+from mptcpproxy cimport _sys as c
+
+import os
+import threading
+from collections import deque
+
+from mptcpproxy._results import REASONS, Result, WorkerStats
+
+cdef enum:
+    R_CLOSED = 0
+    R_RESET = 1
+    R_TIMEOUT = 2
+    R_ERROR = 3
+    R_ABORTED = 4
+
+cdef enum:
+    MAX_EVENTS = 256
+    READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others
+    POOL_KEEP = 64  # spare pending buffers a worker keeps
+    NS = 1000000000
+
+
+cdef struct Side:
+    int fd
+    int readable  # edge-triggered: set by an event, cleared by EAGAIN
+    int writable
+    Pair *pair
+
+
+cdef struct Half:
+    # Bytes from side[i] to side[1 - i]. `buf` holds only what the destination would not
+    # take; it is NULL while nothing is pending, so an idle pair owns no user-space buffer.
+    char *buf
+    size_t off
+    size_t len
+    uint64_t nbytes
+    int done  # EOF read and shutdown(dst, SHUT_WR) done
+
+
+cdef struct Pair:
+    Side side[2]
+    Half half[2]
+    uint64_t conn_id
+    int mptcp_side  # index of the side whose MPTCP status is reported, or -1
+    int is_mptcp
+    int subflows
+    int64_t start_ns
+    int64_t last_ns
+    int reason
+    int err
+    int dead
+    int queued  # on the worker's ready list
+    Pair *prev
+    Pair *next  # the worker's list of open pairs, or the incoming / graveyard chain
+    Pair *ready_next
+
+
+cdef struct Done:
+    uint64_t conn_id
+    uint64_t bytes_ab
+    uint64_t bytes_ba
+    int64_t duration_ns
+    int reason
+    int err
+    int is_mptcp
+    int subflows
+
+
+cdef struct WorkerState:
+    int epfd
+    int wakefd
+    int notifyfd
+    int stopping
+    c.pthread_mutex_t lock
+    Pair *incoming
+    Pair *pairs
+    Pair *ready
+    Pair *graveyard
+    char *scratch
+    size_t bufsize
+    char **pool
+    int npool
+    Done *done
+    int ndone
+    int done_cap
+    int64_t now
+    int64_t idle_ns
+    int64_t next_scan
+    uint64_t total  # written by the control thread only (under lock)
+    uint64_t finished  # written by the worker only
+    uint64_t nbytes
+    int fatal_errno
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef c.timespec ts
+    c.clock_gettime(c.CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * NS + ts.tv_nsec
+
+
+cdef void sample_mptcp(Pair *p) noexcept nogil:
+    # TCP_IS_MPTCP: 1 while the connection really runs MPTCP, 0 after a fallback to TCP.
+    cdef int val = 0
+    cdef c.socklen_t vlen = sizeof(val)
+    cdef c.mptcp_info_head info
+    cdef c.socklen_t ilen = sizeof(info)
+    if p.mptcp_side < 0:
+        return
+    cdef int fd = p.side[p.mptcp_side].fd
+    if c.getsockopt(fd, c.IPPROTO_TCP, c.TCP_IS_MPTCP, &val, &vlen) != 0 or val == 0:
+        return
+    p.is_mptcp = 1
+    if p.subflows < 1:
+        p.subflows = 1
+    if c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_INFO, &info, &ilen) == 0 and ilen >= 1:
+        if info.mptcpi_subflows + 1 > p.subflows:
+            p.subflows = info.mptcpi_subflows + 1
+
+
+cdef char *pool_get(WorkerState *w) noexcept nogil:
+    if w.npool > 0:
+        w.npool -= 1
+        return w.pool[w.npool]
+    return <char *>malloc(w.bufsize)
+
+
+cdef void pool_put(WorkerState *w, char *buf) noexcept nogil:
+    if buf == NULL:
+        return
+    if w.npool < POOL_KEEP:
+        w.pool[w.npool] = buf
+        w.npool += 1
+    else:
+        free(buf)
+
+
+cdef void set_rst(int fd) noexcept nogil:
+    # SO_LINGER {1, 0}: close() sends RST instead of FIN (an abortive close).
+    cdef c.linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    c.setsockopt(fd, c.SOL_SOCKET, c.SO_LINGER, &lg, sizeof(lg))
+
+
+cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
+    cdef int i
+    cdef Done *d
+    if p.dead:
+        return
+    sample_mptcp(p)
+    if reason == R_RESET or reason == R_ERROR or reason == R_ABORTED:
+        # Pass an abortive close on as an abortive close: the peers learn the stream is cut.
+        set_rst(p.side[0].fd)
+        set_rst(p.side[1].fd)
+    for i in range(2):
+        c.close(p.side[i].fd)
+        pool_put(w, p.half[i].buf)
+        p.half[i].buf = NULL
+    p.dead = 1
+    if p.prev != NULL:
+        p.prev.next = p.next
+    else:
+        w.pairs = p.next
+    if p.next != NULL:
+        p.next.prev = p.prev
+    # Freed after the batch: later events of this batch may still point at it.
+    p.next = w.graveyard
+    w.graveyard = p
+    w.finished += 1
+    if w.ndone == w.done_cap:
+        d = <Done *>malloc(2 * w.done_cap * sizeof(Done))
+        if d == NULL:
+            return  # the pair is closed; only its report is lost under memory exhaustion
+        memcpy(d, w.done, w.ndone * sizeof(Done))
+        free(w.done)
+        w.done = d
+        w.done_cap *= 2
+    d = &w.done[w.ndone]
+    w.ndone += 1
+    d.conn_id = p.conn_id
+    d.bytes_ab = p.half[0].nbytes
+    d.bytes_ba = p.half[1].nbytes
+    d.duration_ns = now_ns() - p.start_ns
+    d.reason = reason
+    d.err = err
+    d.is_mptcp = p.is_mptcp
+    d.subflows = p.subflows
+
+
+cdef inline void fail(WorkerState *w, Pair *p, int err) noexcept nogil:
+    finish(w, p, R_RESET if err == c.ECONNRESET or err == c.EPIPE else R_ERROR, err)
+
+
+cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
+    # Returns -1 when the pair was closed.
+    cdef Side *src = &p.side[h]
+    cdef Side *dst = &p.side[1 - h]
+    cdef Half *hf = &p.half[h]
+    cdef ssize_t n, s
+    cdef int err, budget = READ_BUDGET
+    if hf.done:
+        return 0
+    if hf.len > 0:
+        if not dst.writable:
+            return 0
+        s = c.send(dst.fd, hf.buf + hf.off, hf.len, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        err = c.errno
+        if s < 0:
+            if err == c.EAGAIN or err == c.EINTR:
+                dst.writable = 0
+                return 0
+            fail(w, p, err)
+            return -1
+        hf.nbytes += s
+        w.nbytes += s
+        hf.off += s
+        hf.len -= s
+        if hf.len > 0:
+            dst.writable = 0  # a short send: the destination is full, wait for EPOLLOUT
+            return 0
+        pool_put(w, hf.buf)
+        hf.buf = NULL
+        hf.off = 0
+    # Backpressure: the source is read only while nothing is pending for the destination.
+    while src.readable:
+        if budget == 0:
+            if not p.queued:
+                p.queued = 1
+                p.ready_next = w.ready
+                w.ready = p
+            return 0
+        budget -= 1
+        n = c.recv(src.fd, w.scratch, w.bufsize, c.MSG_DONTWAIT)
+        err = c.errno
+        if n > 0:
+            p.last_ns = w.now
+            s = 0
+            if dst.writable:
+                s = c.send(dst.fd, w.scratch, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+                err = c.errno
+                if s < 0:
+                    if err != c.EAGAIN and err != c.EINTR:
+                        fail(w, p, err)
+                        return -1
+                    s = 0
+                hf.nbytes += s
+                w.nbytes += s
+            if s < n:
+                hf.buf = pool_get(w)
+                if hf.buf == NULL:
+                    fail(w, p, 12)  # ENOMEM: the bytes read cannot be kept
+                    return -1
+                memcpy(hf.buf, w.scratch + s, n - s)
+                hf.off = 0
+                hf.len = n - s
+                dst.writable = 0
+                return 0
+        elif n == 0:
+            # EOF: nothing is pending (see above), so half-close the destination now.
+            sample_mptcp(p)
+            c.shutdown(dst.fd, c.SHUT_WR)
+            hf.done = 1
+            src.readable = 0
+            return 0
+        elif err == c.EAGAIN:
+            src.readable = 0
+        elif err != c.EINTR:
+            fail(w, p, err)
+            return -1
+    return 0
+
+
+cdef void pump(WorkerState *w, Pair *p) noexcept nogil:
+    if pump_half(w, p, 0) < 0 or pump_half(w, p, 1) < 0:
+        return
+    if p.half[0].done and p.half[1].done:
+        finish(w, p, R_CLOSED, 0)
+
+
+cdef void take_incoming(WorkerState *w) noexcept nogil:
+    cdef Pair *p
+    cdef Pair *nxt
+    cdef c.epoll_event ev
+    cdef int i, err
+    cdef uint64_t junk
+    c.read(w.wakefd, &junk, sizeof(junk))
+    c.pthread_mutex_lock(&w.lock)
+    p = w.incoming
+    w.incoming = NULL
+    c.pthread_mutex_unlock(&w.lock)
+    while p != NULL:
+        nxt = p.next
+        p.prev = NULL
+        p.next = w.pairs
+        if w.pairs != NULL:
+            w.pairs.prev = p
+        w.pairs = p
+        p.last_ns = w.now
+        err = 0
+        for i in range(2):
+            # Registered once, never modified: edge-triggered readiness is kept in Side.
+            ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
+            ev.data.ptr = &p.side[i]
+            if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, p.side[i].fd, &ev) != 0:
+                err = c.errno
+        if err:
+            finish(w, p, R_ERROR, err)
+        else:
+            sample_mptcp(p)
+        p = nxt
+
+
+cdef void abort_all(WorkerState *w) noexcept nogil:
+    take_incoming(w)
+    while w.pairs != NULL:
+        finish(w, w.pairs, R_ABORTED, 0)
+
+
+cdef void scan_idle(WorkerState *w) noexcept nogil:
+    cdef Pair *p = w.pairs
+    cdef Pair *nxt
+    while p != NULL:
+        nxt = p.next
+        if w.now - p.last_ns >= w.idle_ns:
+            finish(w, p, R_TIMEOUT, 0)
+        p = nxt
+    w.next_scan = w.now + NS // 4
+
+
+cdef int worker_step(WorkerState *w) noexcept nogil:
+    # Runs until finished pairs wait to be reported (returns 0), the worker was told to
+    # stop (1), or epoll_wait failed (-1, fatal_errno set).
+    cdef c.epoll_event events[MAX_EVENTS]
+    cdef int n, i, timeout
+    cdef Side *s
+    cdef Pair *p
+    cdef Pair *q
+    cdef uint32_t ev
+    cdef int soerr
+    cdef c.socklen_t slen
+    while True:
+        if w.ready != NULL:
+            timeout = 0
+        elif w.idle_ns > 0:
+            timeout = 250
+        else:
+            timeout = -1
+        n = c.epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
+        if n < 0:
+            if c.errno == c.EINTR:
+                continue
+            w.fatal_errno = c.errno
+            abort_all(w)
+            return -1
+        w.now = now_ns()
+        for i in range(n):
+            if events[i].data.ptr == NULL:
+                take_incoming(w)
+                continue
+            s = <Side *>events[i].data.ptr
+            p = s.pair
+            if p.dead:
+                continue
+            ev = events[i].events
+            if ev & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
+                s.readable = 1
+            if ev & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
+                s.writable = 1
+            if ev & c.EPOLLERR:
+                soerr = 0
+                slen = sizeof(soerr)
+                c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
+                if soerr:
+                    fail(w, p, soerr)
+                    continue
+            pump(w, p)
+        # Pairs that used up their read budget get another turn after everyone else.
+        p = w.ready
+        w.ready = NULL
+        while p != NULL:
+            q = p
+            p = p.ready_next  # read before pump() may queue q again
+            q.queued = 0
+            if not q.dead:
+                pump(w, q)
+        if w.idle_ns > 0 and w.now >= w.next_scan:
+            scan_idle(w)
+        while w.graveyard != NULL:
+            p = w.graveyard
+            w.graveyard = p.next
+            free(p)
+        if w.stopping:
+            abort_all(w)
+            while w.graveyard != NULL:
+                p = w.graveyard
+                w.graveyard = p.next
+                free(p)
+            return 1
+        if w.ndone > 0:
+            return 0
+
+
+@cython.final
+cdef class _Worker:
+    cdef WorkerState w
+    cdef object results  # the relay's deque
+    cdef object thread
+
+    def __cinit__(self):
+        self.w.epfd = -1
+        self.w.wakefd = -1
+
+    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd, results):
+        cdef c.epoll_event ev
+        self.results = results
+        self.w.notifyfd = notifyfd
+        self.w.bufsize = bufsize
+        self.w.idle_ns = <int64_t>(idle_timeout * NS)
+        c.pthread_mutex_init(&self.w.lock, NULL)
+        self.w.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
+        if self.w.epfd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        self.w.wakefd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if self.w.wakefd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        ev.events = c.EPOLLIN
+        ev.data.ptr = NULL
+        if c.epoll_ctl(self.w.epfd, c.EPOLL_CTL_ADD, self.w.wakefd, &ev) != 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        self.w.scratch = <char *>malloc(bufsize)
+        self.w.pool = <char **>calloc(POOL_KEEP, sizeof(char *))
+        self.w.done_cap = 64
+        self.w.done = <Done *>malloc(self.w.done_cap * sizeof(Done))
+        if self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL:
+            raise MemoryError()
+        self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay", daemon=True)
+        self.thread.start()
+
+    def __reduce__(self):
+        raise TypeError("a relay worker holds fds and cannot be pickled")
+
+    def _run(self):
+        cdef int rc = 0
+        cdef int i
+        cdef Done *d
+        cdef uint64_t one = 1
+        while rc == 0:
+            with nogil:
+                rc = worker_step(&self.w)
+            for i in range(self.w.ndone):
+                d = &self.w.done[i]
+                self.results.append(Result(
+                    d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
+                    REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows,
+                ))
+            if self.w.ndone:
+                self.w.ndone = 0
+                c.write(self.w.notifyfd, &one, sizeof(one))
+        if rc < 0:
+            raise OSError(self.w.fatal_errno, os.strerror(self.w.fatal_errno))
+
+    cdef void push(self, Pair *p) noexcept:
+        cdef uint64_t one = 1
+        c.pthread_mutex_lock(&self.w.lock)
+        p.next = self.w.incoming
+        self.w.incoming = p
+        self.w.total += 1
+        c.pthread_mutex_unlock(&self.w.lock)
+        c.write(self.w.wakefd, &one, sizeof(one))
+
+    def stop(self):
+        cdef uint64_t one = 1
+        self.w.stopping = 1
+        c.write(self.w.wakefd, &one, sizeof(one))
+        self.thread.join()
+
+    def stats(self):
+        return WorkerStats(self.active, self.w.total, self.w.nbytes)
+
+    @property
+    def active(self):
+        return self.w.total - self.w.finished
+
+    def __dealloc__(self):
+        cdef int i
+        if self.w.epfd >= 0:
+            c.close(self.w.epfd)
+        if self.w.wakefd >= 0:
+            c.close(self.w.wakefd)
+        for i in range(self.w.npool):
+            free(self.w.pool[i])
+        free(self.w.pool)
+        free(self.w.scratch)
+        free(self.w.done)
+        c.pthread_mutex_destroy(&self.w.lock)
+
+
+@cython.final
+cdef class Relay:
+    """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
+
+    cdef list _workers
+    cdef object _results
+    cdef int _notifyfd
+    cdef bint _closed
+
+    def __cinit__(self):
+        self._notifyfd = -1
+
+    def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if bufsize < 4096:
+            raise ValueError("bufsize must be at least 4096")
+        self._results = deque()
+        self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if self._notifyfd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        self._workers = []
+        for _ in range(workers):
+            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd, self._results))
+
+    def __reduce__(self):
+        raise TypeError("a relay holds fds and cannot be pickled")
+
+    @property
+    def notify_fd(self):
+        return self._notifyfd
+
+    @property
+    def active(self):
+        return sum([(<_Worker>w).active for w in self._workers])
+
+    def add(self, int fd_a, int fd_b, conn_id, int mptcp_fd=-1):
+        cdef _Worker best = None
+        cdef _Worker wk
+        cdef Pair *p
+        if self._closed:
+            raise RuntimeError("the relay is closed")
+        if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
+            raise ValueError("two distinct open fds are needed")
+        for wk in self._workers:
+            if best is None or wk.w.total - wk.w.finished < best.w.total - best.w.finished:
+                best = wk
+        p = <Pair *>calloc(1, sizeof(Pair))
+        if p == NULL:
+            raise MemoryError()
+        p.side[0].fd = fd_a
+        p.side[1].fd = fd_b
+        p.side[0].pair = p
+        p.side[1].pair = p
+        p.conn_id = conn_id
+        p.mptcp_side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
+        p.start_ns = now_ns()
+        best.push(p)
+
+    def collect(self):
+        cdef uint64_t junk
+        if self._notifyfd >= 0:
+            c.read(self._notifyfd, &junk, sizeof(junk))
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def stats(self):
+        return [(<_Worker>w).stats() for w in self._workers]
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            (<_Worker>w).stop()
+        self._workers = []
+        if self._notifyfd >= 0:
+            c.close(self._notifyfd)
+            self._notifyfd = -1
+
+    def __dealloc__(self):
+        # Never raises: a relay dropped without close() still stops its workers first,
+        # so none of them writes to the notify fd after it is closed.
+        if not self._closed and self._workers is not None:
+            try:
+                self.close()
+            except BaseException:
+                pass

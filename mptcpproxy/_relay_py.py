@@ -1,0 +1,316 @@
+"""The pure-Python twin of `_relay`: the same API and the same algorithm, used when the
+extension is absent and as the test oracle. Keep the two in step."""
+
+from __future__ import annotations
+
+import errno as E
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+
+from mptcpproxy._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
+
+READ_BUDGET = 16
+SOL_MPTCP, MPTCP_INFO, TCP_IS_MPTCP = 284, 1, 43
+_ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class _Pair:
+    __slots__ = (
+        "socks", "readable", "writable", "pending", "nbytes", "done", "conn_id",
+        "mptcp_side", "is_mptcp", "subflows", "start", "last", "dead", "queued",
+    )
+
+    def __init__(self, fd_a: int, fd_b: int, conn_id: int, mptcp_side: int) -> None:
+        self.socks = [socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)]
+        self.readable = [False, False]
+        self.writable = [False, False]
+        self.pending = [b"", b""]  # per half: bytes the destination would not take
+        self.nbytes = [0, 0]
+        self.done = [False, False]
+        self.conn_id = conn_id
+        self.mptcp_side = mptcp_side
+        self.is_mptcp = False
+        self.subflows = 0
+        self.start = self.last = time.monotonic()
+        self.dead = False
+        self.queued = False
+
+    def sample_mptcp(self) -> None:
+        if self.mptcp_side < 0:
+            return
+        sock = self.socks[self.mptcp_side]
+        try:
+            if not sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP):
+                return
+            self.is_mptcp = True
+            self.subflows = max(self.subflows, 1)
+            info = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 4)
+            self.subflows = max(self.subflows, info[0] + 1)
+        except OSError:
+            pass
+
+
+class _Worker:
+    def __init__(self, bufsize: int, idle_timeout: float, notify_fd: int, results: deque):
+        self.bufsize = bufsize
+        self.idle = idle_timeout
+        self.notify_fd = notify_fd
+        self.results = results
+        self.ep = select.epoll()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ep.register(self.wake_fd, select.EPOLLIN)
+        self.lock = threading.Lock()
+        self.incoming: list[_Pair] = []
+        self.pairs: dict[int, tuple[_Pair, int]] = {}  # fd -> (pair, side)
+        self.ready: list[_Pair] = []
+        self.total = self.finished = self.nbytes = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay-py", daemon=True)
+        self.thread.start()
+
+    @property
+    def active(self) -> int:
+        return self.total - self.finished
+
+    def push(self, pair: _Pair) -> None:
+        with self.lock:
+            self.incoming.append(pair)
+            self.total += 1
+        os.eventfd_write(self.wake_fd, 1)
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.eventfd_write(self.wake_fd, 1)
+        self.thread.join()
+        self.ep.close()
+        os.close(self.wake_fd)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_scan = 0.0
+        while True:
+            timeout = 0 if self.ready else 0.25 if self.idle > 0 else -1
+            events = self.ep.poll(timeout)
+            now = time.monotonic()
+            for fd, ev in events:
+                if fd == self.wake_fd:
+                    self._take_incoming(now)
+                    continue
+                entry = self.pairs.get(fd)
+                if entry is None:
+                    continue
+                pair, i = entry
+                if pair.dead:
+                    continue
+                if ev & _READABLE:
+                    pair.readable[i] = True
+                if ev & _WRITABLE:
+                    pair.writable[i] = True
+                if ev & select.EPOLLERR:
+                    err = pair.socks[i].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self._fail(pair, err)
+                        continue
+                self._pump(pair, now)
+            ready, self.ready = self.ready, []
+            for pair in ready:
+                pair.queued = False
+                if not pair.dead:
+                    self._pump(pair, now)
+            if self.idle > 0 and now >= next_scan:
+                for pair, i in list(self.pairs.values()):
+                    if i == 0 and not pair.dead and now - pair.last >= self.idle:
+                        self._finish(pair, TIMEOUT, 0)
+                next_scan = now + 0.25
+            if self.stopping:
+                self._take_incoming(now)
+                for pair, _ in list(self.pairs.values()):
+                    self._finish(pair, ABORTED, 0)
+                return
+
+    def _take_incoming(self, now: float) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        with self.lock:
+            incoming, self.incoming = self.incoming, []
+        for pair in incoming:
+            pair.last = now
+            for i, sock in enumerate(pair.socks):
+                self.pairs[sock.fileno()] = (pair, i)
+            try:
+                for sock in pair.socks:
+                    self.ep.register(sock.fileno(), _ET_MASK)
+            except OSError as exc:
+                self._finish(pair, ERROR, exc.errno or 0)
+                continue
+            pair.sample_mptcp()
+
+    def _pump(self, pair: _Pair, now: float) -> None:
+        if self._pump_half(pair, 0, now) and self._pump_half(pair, 1, now):
+            if pair.done[0] and pair.done[1]:
+                self._finish(pair, CLOSED, 0)
+
+    def _pump_half(self, pair: _Pair, h: int, now: float) -> bool:
+        """Move bytes from side h to side 1-h; False when the pair was closed."""
+        if pair.done[h]:
+            return True
+        src, dst, d = pair.socks[h], pair.socks[1 - h], 1 - h
+        if pair.pending[h]:
+            if not pair.writable[d]:
+                return True
+            try:
+                sent = dst.send(pair.pending[h], socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pair.writable[d] = False
+                return True
+            except OSError as exc:
+                return self._fail(pair, exc.errno or 0)
+            pair.nbytes[h] += sent
+            self.nbytes += sent
+            pair.pending[h] = pair.pending[h][sent:]
+            if pair.pending[h]:
+                pair.writable[d] = False
+                return True
+        budget = READ_BUDGET
+        while pair.readable[h]:
+            if budget == 0:
+                if not pair.queued:
+                    pair.queued = True
+                    self.ready.append(pair)
+                return True
+            budget -= 1
+            try:
+                data = src.recv(self.bufsize, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pair.readable[h] = False
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return self._fail(pair, exc.errno or 0)
+            if not data:
+                pair.sample_mptcp()
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # a reset destination shows up as EPOLLERR
+                pair.done[h] = True
+                pair.readable[h] = False
+                return True
+            pair.last = now
+            sent = 0
+            if pair.writable[d]:
+                try:
+                    sent = dst.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    return self._fail(pair, exc.errno or 0)
+                pair.nbytes[h] += sent
+                self.nbytes += sent
+            if sent < len(data):
+                pair.pending[h] = data[sent:]
+                pair.writable[d] = False
+                return True
+        return True
+
+    def _fail(self, pair: _Pair, err: int) -> bool:
+        self._finish(pair, RESET if err in (E.ECONNRESET, E.EPIPE) else ERROR, err)
+        return False
+
+    def _finish(self, pair: _Pair, reason: str, err: int) -> None:
+        if pair.dead:
+            return
+        pair.sample_mptcp()
+        for sock in pair.socks:
+            self.pairs.pop(sock.fileno(), None)
+            if reason in (RESET, ERROR, ABORTED):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                except OSError:
+                    pass
+            sock.close()  # also leaves the epoll set
+        pair.dead = True
+        pair.pending = [b"", b""]
+        self.finished += 1
+        self.results.append(Result(
+            pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
+            reason, err, pair.is_mptcp, pair.subflows,
+        ))
+        os.eventfd_write(self.notify_fd, 1)
+
+
+class Relay:
+    """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
+
+    def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if bufsize < 4096:
+            raise ValueError("bufsize must be at least 4096")
+        self._results: deque[Result] = deque()
+        self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._workers = [
+            _Worker(bufsize, idle_timeout, self._notify_fd, self._results)
+            for _ in range(workers)
+        ]
+        self._closed = False
+
+    def __reduce__(self):
+        raise TypeError("a relay holds fds and cannot be pickled")
+
+    @property
+    def notify_fd(self) -> int:
+        return self._notify_fd
+
+    @property
+    def active(self) -> int:
+        return sum(w.active for w in self._workers)
+
+    def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1) -> None:
+        if self._closed:
+            raise RuntimeError("the relay is closed")
+        if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
+            raise ValueError("two distinct open fds are needed")
+        side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
+        worker = min(self._workers, key=lambda w: w.active)
+        worker.push(_Pair(fd_a, fd_b, conn_id, side))
+
+    def collect(self) -> list[Result]:
+        if self._notify_fd >= 0:
+            try:
+                os.eventfd_read(self._notify_fd)
+            except BlockingIOError:
+                pass
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def stats(self) -> list[WorkerStats]:
+        return [WorkerStats(w.active, w.total, w.nbytes) for w in self._workers]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            w.stop()
+        self._workers = []
+        os.close(self._notify_fd)
+        self._notify_fd = -1
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()

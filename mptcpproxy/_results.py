@@ -1,0 +1,32 @@
+"""What the relay reports, shared by the compiled relay and its pure-Python twin."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# How a pair ended (Result.reason); the index is the code the relay engines use.
+CLOSED = "closed"  # both halves finished with EOF: a clean close
+RESET = "reset"  # a peer reset the connection; the reset was passed on to the other peer
+TIMEOUT = "timeout"  # no byte moved either way for idle_timeout seconds
+ERROR = "error"  # another socket error (Result.errno says which)
+ABORTED = "aborted"  # the relay was closed while the pair was open
+REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED)
+
+
+class Result(NamedTuple):
+    """What one finished pair reports."""
+
+    conn_id: int
+    bytes_ab: int  # bytes delivered from fd_a to fd_b
+    bytes_ba: int  # bytes delivered from fd_b to fd_a
+    duration: float  # seconds between add() and the close
+    reason: str
+    errno: int  # 0 unless reason is RESET or ERROR
+    is_mptcp: bool  # the watched fd (mptcp_fd) really ran MPTCP (TCP_IS_MPTCP)
+    subflows: int  # most subflows seen on it, the first included (0 when not MPTCP)
+
+
+class WorkerStats(NamedTuple):
+    active: int  # pairs open now
+    pairs: int  # pairs handed to this worker since start
+    bytes: int  # bytes relayed by this worker since start

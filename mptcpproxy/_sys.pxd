@@ -1,0 +1,110 @@
+# C declarations the relay uses, and only those.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EINTR
+        ECONNRESET
+        EPIPE
+    # EWOULDBLOCK == EAGAIN on Linux: declared as int so Cython emits no duplicate case.
+    int EWOULDBLOCK
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    enum:
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+        SHUT_WR
+        SHUT_RDWR
+        SOL_SOCKET
+        SO_ERROR
+        SO_LINGER
+    struct linger:
+        int l_onoff
+        int l_linger
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    union epoll_data:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from "<time.h>" nogil:
+    enum:
+        CLOCK_MONOTONIC
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+# MPTCP (include/uapi/linux/mptcp.h, tcp.h): not in glibc's headers on every system.
+cdef enum:
+    SOL_MPTCP = 284
+    MPTCP_INFO = 1
+    TCP_IS_MPTCP = 43
+
+
+cdef struct mptcp_info_head:
+    # The leading fields of struct mptcp_info; the kernel copies min(optlen, its size).
+    uint8_t mptcpi_subflows  # additional subflows, the first not counted
+    uint8_t mptcpi_add_addr_signal
+    uint8_t mptcpi_add_addr_accepted
+    uint8_t mptcpi_subflows_max

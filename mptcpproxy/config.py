@@ -1,0 +1,100 @@
+"""Configuration: frozen dataclasses and address parsing with messages for people."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration value a person must fix; the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    @property
+    def is_literal(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """`host:port`, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"'{text}' is not a port number (use 1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range (use 1-65535)")
+    return port
+
+
+def parse_hostport(text: str) -> HostPort:
+    """Parse `10.0.1.2:4444`, `[2001:db8::2]:4444` or `name:4444`."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"'{text}' needs a port: write an IPv6 address as [ADDR]:PORT")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"'{host}' in '{text}' is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"'{text}' has no port: write HOST:PORT, for example 10.0.1.2:4444")
+        if ":" in host:
+            raise ConfigError(
+                f"'{text}' looks like an IPv6 address: write it in brackets, as [ADDR]:PORT"
+            )
+    return HostPort(host, parse_port(port_text))
+
+
+def parse_bind(text: str) -> str:
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"'{text}' is not an IP address to bind to") from None
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str  # "client": TCP in, MPTCP out; "server": MPTCP in, TCP out
+    port: int
+    remote: HostPort | None
+    bind: str | None = None  # None: dual-stack "::", or "0.0.0.0" where IPv6 is off
+    disable_mptcp: bool = False
+    workers: int = 0  # 0: one per CPU
+    connect_timeout: float = 10.0
+    idle_timeout: float = 0.0  # 0: never close idle connections
+    drain_timeout: float = 30.0
+    max_connections: int = 0  # 0: no limit
+    backlog: int = 4096
+
+    @property
+    def listen_mptcp(self) -> bool:
+        return self.mode == "server" and not self.disable_mptcp
+
+    @property
+    def upstream_mptcp(self) -> bool:
+        return self.mode == "client" and not self.disable_mptcp
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0)) or 1

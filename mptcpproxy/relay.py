@@ -1,0 +1,32 @@
+"""Picks the relay engine: the compiled `_relay`, else the pure-Python twin `_relay_py`.
+
+With MPTCPPROXY_REQUIRE_EXTENSION=1 a missing or broken extension is an error instead of a
+silent fallback (used by `make test` and the wheel tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mptcpproxy._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
+
+log = logging.getLogger(__name__)
+
+try:
+    from mptcpproxy._relay import Relay
+
+    ENGINE = "c"
+except ImportError as exc:
+    if os.environ.get("MPTCPPROXY_REQUIRE_EXTENSION") == "1":
+        raise ImportError(
+            f"the compiled relay mptcpproxy._relay did not load ({exc}); build it with "
+            "'make build' or unset MPTCPPROXY_REQUIRE_EXTENSION"
+        ) from exc
+    from mptcpproxy._relay_py import Relay  # type: ignore[assignment]
+
+    ENGINE = "py"
+
+__all__ = [
+    "ABORTED", "CLOSED", "ENGINE", "ERROR", "RESET", "TIMEOUT", "Relay", "Result", "WorkerStats",
+]

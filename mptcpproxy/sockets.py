@@ -1,0 +1,107 @@
+"""Socket creation and MPTCP facts: availability, listeners, upstream sockets, status."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+
+from mptcpproxy.config import format_hostport
+
+IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
+SOL_MPTCP = 284
+MPTCP_INFO = 1
+TCP_IS_MPTCP = 43
+
+_MPTCP_REFUSALS = {
+    errno.ENOPROTOOPT: "MPTCP is disabled in the kernel (net.mptcp.enabled=0): enable it with "
+    "'sysctl -w net.mptcp.enabled=1', or run with --disable-mptcp",
+    errno.EPROTONOSUPPORT: "this kernel was built without MPTCP (CONFIG_MPTCP): use a kernel "
+    "with MPTCP (5.6 or newer), or run with --disable-mptcp",
+    errno.EINVAL: "this kernel does not know MPTCP sockets (it needs Linux 5.6 or newer): "
+    "upgrade the kernel, or run with --disable-mptcp",
+}
+
+
+def mptcp_refusal(err: int) -> str:
+    """A sentence for a person on why the kernel refused an MPTCP socket."""
+    return _MPTCP_REFUSALS.get(
+        err, f"the kernel refused an MPTCP socket ({errno.errorcode.get(err, err)}: "
+        f"{os.strerror(err)}); run with --disable-mptcp to use plain TCP"
+    )
+
+
+def mptcp_unavailable() -> str | None:
+    """None when this network namespace's kernel accepts MPTCP sockets, else why not."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP).close()
+    except OSError as exc:
+        return mptcp_refusal(exc.errno or 0)
+    return None
+
+
+def stream_socket(family: int, mptcp: bool) -> socket.socket:
+    """A non-blocking stream socket, MPTCP or TCP."""
+    sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
+    sock.setblocking(False)
+    return sock
+
+
+def make_listener(
+    bind: str | None, port: int, mptcp: bool, backlog: int
+) -> socket.socket:
+    """A listening socket; `bind=None` means dual-stack `::`, or `0.0.0.0` without IPv6.
+
+    Raises OSError from bind/listen unchanged; the caller words it.
+    """
+    if bind is None:
+        try:
+            return _listen(socket.AF_INET6, "::", port, mptcp, backlog, dual_stack=True)
+        except OSError as exc:
+            # No IPv6 in this kernel or namespace (disabled, or no address family).
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+        bind = "0.0.0.0"
+    family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
+    return _listen(family, bind, port, mptcp, backlog, dual_stack=False)
+
+
+def _listen(
+    family: int, host: str, port: int, mptcp: bool, backlog: int, dual_stack: bool
+) -> socket.socket:
+    sock = stream_socket(family, mptcp)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    # A relay must not add Nagle's delay on top of the application's own choice.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def is_mptcp(sock: socket.socket) -> bool:
+    """Whether the kernel runs this connection as MPTCP (False after a fallback to TCP)."""
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP))
+    except OSError:
+        return False
+
+
+def peer_name(addr: tuple) -> str:
+    """`host:port` for a socket address, IPv4-mapped IPv6 shown as plain IPv4."""
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return format_hostport(host, port)
