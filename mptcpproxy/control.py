@@ -164,7 +164,7 @@ class Proxy:
         )
         return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
-    async def _connect(self, target: HostPort) -> socket.socket:
+    async def _connect(self, target: HostPort) -> tuple[socket.socket, tuple]:
         """Connect upstream, trying every address of the target within the timeout."""
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -177,12 +177,15 @@ class Proxy:
                 await asyncio.wait_for(
                     loop.sock_connect(sock, sockaddr), max(deadline - loop.time(), 0.001)
                 )
-                return sock
+                return sock, sockaddr
             except (OSError, asyncio.TimeoutError) as exc:
                 sock.close()
                 last = exc
                 if loop.time() >= deadline:
                     break
+            except BaseException:  # cancelled by a drain
+                sock.close()
+                raise
         raise last
 
     async def _setup(self, client: socket.socket, addr: tuple) -> None:
@@ -190,7 +193,7 @@ class Proxy:
         peer = sockets.peer_name(addr)
         target = self.config.remote
         try:
-            upstream = await self._connect(target)
+            upstream, sockaddr = await self._connect(target)
         except asyncio.CancelledError:
             client.close()
             raise
@@ -204,7 +207,7 @@ class Proxy:
         sockets.set_nodelay(client)
         sockets.set_nodelay(upstream)
         cfg = self.config
-        up_name = sockets.peer_name(upstream.getpeername())
+        up_name = sockets.peer_name(sockaddr)
         log.debug("conn %d: %s -> %s established", conn_id, peer, up_name)
         mptcp_leg = not cfg.disable_mptcp
         self.conns[conn_id] = _Conn(peer, up_name, mptcp_leg)
