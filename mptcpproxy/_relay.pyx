@@ -220,6 +220,7 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
             return -1
         hf.nbytes += s
         w.nbytes += s
+        p.last_ns = w.now  # a slow reader draining what is pending is not idle
         hf.off += s
         hf.len -= s
         if hf.len > 0:
@@ -475,10 +476,13 @@ cdef class _Worker:
         c.pthread_mutex_unlock(&self.w.lock)
         c.write(self.w.wakefd, &one, sizeof(one))
 
-    def stop(self):
+    cdef void signal_stop(self) noexcept:
         cdef uint64_t one = 1
         self.w.stopping = 1
         c.write(self.w.wakefd, &one, sizeof(one))
+
+    def stop(self):
+        self.signal_stop()
         self.thread.join()
 
     def stats(self):
@@ -585,10 +589,10 @@ cdef class Relay:
             self._notifyfd = -1
 
     def __dealloc__(self):
-        # Never raises: a relay dropped without close() still stops its workers first,
-        # so none of them writes to the notify fd after it is closed.
+        # A relay dropped without close(): tell the workers to abort their pairs and stop,
+        # but neither wait for them (at interpreter exit they may never run again) nor
+        # close the notify fd they may still write to. Never raises.
+        cdef _Worker w
         if not self._closed and self._workers is not None:
-            try:
-                self.close()
-            except BaseException:
-                pass
+            for w in self._workers:
+                w.signal_stop()

@@ -178,6 +178,7 @@ class _Worker:
                 return self._fail(pair, exc.errno or 0)
             pair.nbytes[h] += sent
             self.nbytes += sent
+            pair.last = now  # a slow reader draining what is pending is not idle
             pair.pending[h] = pair.pending[h][sent:]
             if pair.pending[h]:
                 pair.writable[d] = False
