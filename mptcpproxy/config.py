@@ -73,6 +73,33 @@ def parse_bind(text: str) -> str:
         raise ConfigError(f"'{text}' is not an IP address to bind to") from None
 
 
+def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """Parse `80,443,8000-8100` into ((80, 80), (443, 443), (8000, 8100))."""
+    ranges = []
+    for item in text.split(","):
+        item = item.strip()
+        low, sep, high = item.partition("-")
+        if not item or (sep and not (low and high)):
+            raise ConfigError(f"'{text}' is not a port list: write e.g. 80,443,8000-8100")
+        first = parse_port(low)
+        last = parse_port(high) if sep else first
+        if last < first:
+            raise ConfigError(f"the port range '{item}' is reversed: write {last}-{first}")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+def parse_mark(text: str) -> int:
+    """A firewall mark: decimal or 0x-hexadecimal, 1 to 0xffffffff."""
+    try:
+        mark = int(text, 0)
+    except ValueError:
+        raise ConfigError(f"'{text}' is not a mark: write a number like 1 or 0x10") from None
+    if not 1 <= mark <= 0xFFFFFFFF:
+        raise ConfigError(f"mark {text} is out of range (use 1 to 0xffffffff)")
+    return mark
+
+
 @dataclass(frozen=True)
 class Config:
     mode: str  # "client": TCP in, MPTCP out; "server": MPTCP in, TCP out
@@ -86,6 +113,12 @@ class Config:
     drain_timeout: float = 30.0
     max_connections: int = 0  # 0: no limit
     backlog: int = 4096
+    # transparent mode (docs/transparent.md)
+    transparent: str | None = None  # None, "redirect" or "tproxy"
+    mark: int = 0  # SO_MARK on every upstream connection; 0: none
+    setup_firewall: bool = False  # install our nftables table (+ TPROXY routing) while running
+    intercept: tuple[tuple[int, int], ...] = ()  # port ranges to intercept; (): all TCP
+    metrics: HostPort | None = None  # --metrics: serve Prometheus metrics there
 
     @property
     def listen_mptcp(self) -> bool:

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 
 from mptcpproxy import sockets
 from mptcpproxy.config import Config, HostPort
+from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay, Result
+from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")
 
 ACCEPT_BATCH = 64  # accepts per wake-up, so set-up tasks get the loop in between
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StartupError(Exception):
@@ -54,7 +57,13 @@ class Proxy:
         self.ids = itertools.count(1)
         self.stopping: asyncio.Event | None = None
         self._last_warning: dict[str, float] = {}
-        self.rejected = 0
+        self.metrics = Metrics(
+            active=lambda: len(self.connecting) + (self.relay.active if self.relay else 0),
+            worker_stats=lambda: self.relay.stats() if self.relay else [],
+        )
+        self.metrics_server: asyncio.AbstractServer | None = None
+        self.transparent = None  # origdst.Transparent in transparent mode
+        self.firewall = None  # firewall.Method with --setup-firewall
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -64,6 +73,8 @@ class Proxy:
             why = sockets.mptcp_unavailable()
             if why:
                 raise StartupError(why)
+        if cfg.transparent or cfg.mark:
+            self._start_transparent()
         if cfg.remote is not None and not cfg.remote.is_literal:
             try:
                 await self._resolve(cfg.remote)
@@ -74,27 +85,71 @@ class Proxy:
                 ) from None
         try:
             self.listener = sockets.make_listener(
-                cfg.bind, cfg.port, cfg.listen_mptcp, cfg.backlog
+                cfg.bind, cfg.port, cfg.listen_mptcp, cfg.backlog,
+                transparent=cfg.transparent == "tproxy",
             )
         except OSError as exc:
             raise StartupError(self._listen_error(exc)) from None
         self.relay = Relay(cfg.worker_count, idle_timeout=cfg.idle_timeout)
+        if cfg.metrics is not None:
+            try:
+                self.metrics_server = await start_metrics_server(
+                    self.metrics, cfg.metrics.host, cfg.metrics.port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {cfg.metrics}: "
+                                   f"{os.strerror(exc.errno or 0).lower()}") from None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.relay.notify_fd, self._on_results)
         loop.add_reader(self.listener.fileno(), self._on_accept)
         self.stopping = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+        self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_stop_signal)
         name = sockets.peer_name(self.listener.getsockname())
         log.info(
             "listening on %s (%s), forwarding to %s over %s; %d relay worker(s), %s engine",
-            name, "MPTCP" if cfg.listen_mptcp else "TCP", cfg.remote,
+            name, "MPTCP" if cfg.listen_mptcp else "TCP",
+            f"the original destination (-t {cfg.transparent}"
+            + (f"; not intercepted: {cfg.remote})" if cfg.remote else ")")
+            if cfg.transparent else cfg.remote,
             "MPTCP" if cfg.upstream_mptcp else "TCP", cfg.worker_count, ENGINE,
         )
+
+    def _on_stop_signal(self) -> None:
+        if self.stopping.is_set():
+            self.hurry = True
+            log.info("second stop signal: closing the open connections now")
+        self.stopping.set()
+
+    def _start_transparent(self) -> None:
+        from mptcpproxy import conntrack, firewall, origdst
+
+        cfg = self.config
+        if cfg.mark:
+            try:
+                sockets.stream_socket(socket.AF_INET, False, cfg.mark).close()
+            except PermissionError:
+                raise StartupError("--mark needs CAP_NET_ADMIN: run as root, or leave out "
+                                   "--mark and exclude the proxy's user in the rules") from None
+        if not cfg.transparent:
+            return
+        self.transparent = origdst.Transparent(cfg.transparent, cfg.port, cfg.remote)
+        if cfg.transparent == "redirect" and cfg.listen_mptcp:
+            why = conntrack.probe()  # the original destination of MPTCP comes from there
+            if why:
+                raise StartupError(why)
+        if cfg.setup_firewall:
+            self.firewall = firewall.method_for(cfg)
+            why = self.firewall.unsupported_reason()
+            if why:
+                raise StartupError(why)
 
     def _listen_error(self, exc: OSError) -> str:
         cfg = self.config
         where = f"port {cfg.port}" + (f" on {cfg.bind}" if cfg.bind else "")
+        if exc.errno == errno.EPERM and cfg.transparent == "tproxy":
+            return ("-t tproxy needs CAP_NET_ADMIN for its transparent listener: run as "
+                    "root, or use -t redirect")
         if exc.errno == errno.EADDRINUSE:
             return f"{where} is already in use: stop the other program or choose another -p"
         if exc.errno == errno.EACCES:
@@ -115,14 +170,16 @@ class Proxy:
             except BlockingIOError:
                 return
             except OSError as exc:
+                self.metrics.accept_error()
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accept(exc)
                 elif exc.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
                     self._warn_once("accept", "accept failed: %s", os.strerror(exc.errno or 0))
                 return
+            self.metrics.connection_accepted()
             limit = self.config.max_connections
             if limit and self.relay.active + len(self.connecting) >= limit:
-                self.rejected += 1
+                self.metrics.connection_rejected()
                 self._warn_once(
                     "limit", "%d connections open (--max-connections): closing new ones", limit
                 )
@@ -172,7 +229,7 @@ class Proxy:
         addresses = await asyncio.wait_for(self._resolve(target), cfg.connect_timeout)
         last: BaseException = OSError(errno.EHOSTUNREACH, "no address")
         for family, sockaddr in addresses:
-            sock = sockets.stream_socket(family, cfg.upstream_mptcp)
+            sock = sockets.stream_socket(family, cfg.upstream_mptcp, cfg.mark)
             try:
                 await asyncio.wait_for(
                     loop.sock_connect(sock, sockaddr), max(deadline - loop.time(), 0.001)
@@ -188,16 +245,31 @@ class Proxy:
                 raise
         raise last
 
+    def target_for(self, client: socket.socket) -> HostPort:
+        """Where to connect for this client: -r, or its original destination (-t)."""
+        if self.transparent is None:
+            return self.config.remote
+        return self.transparent.target_for(client)
+
     async def _setup(self, client: socket.socket, addr: tuple) -> None:
         conn_id = next(self.ids)
         peer = sockets.peer_name(addr)
-        target = self.config.remote
+        try:
+            target = self.target_for(client)
+        except Exception as exc:  # origdst.Refused, or the lookup failed (OSError)
+            self.metrics.connect_failed("other")
+            log.warning("conn %d from %s: refused: %s", conn_id, peer,
+                        f"no original destination ({_reason(exc)})"
+                        if isinstance(exc, OSError) else exc)
+            client.close()
+            return
         try:
             upstream, sockaddr = await self._connect(target)
         except asyncio.CancelledError:
             client.close()
             raise
         except (OSError, asyncio.TimeoutError) as exc:
+            self.metrics.connect_failed(connect_failure_reason(exc))
             log.warning(
                 "conn %d from %s: upstream %s failed: %s; closing the client connection",
                 conn_id, peer, target, _reason(exc),
@@ -225,6 +297,7 @@ class Proxy:
         conn = self.conns.pop(r.conn_id, None)
         if conn is None:
             return
+        self.metrics.connection_closed(r, conn.mptcp_leg)
         how = r.reason
         if r.errno:
             how += f" ({os.strerror(r.errno).lower()})"
@@ -238,18 +311,35 @@ class Proxy:
             "conn %d %s: client %s upstream %s sent %d B received %d B in %.3f s, %s",
             r.conn_id, how, conn.client, conn.upstream, r.bytes_ab, r.bytes_ba,
             r.duration, mptcp,
+            extra={"event": "conn_end", "conn_id": r.conn_id, "client": conn.client,
+                   "upstream": conn.upstream, "reason": r.reason, "errno": r.errno,
+                   "bytes_client_to_upstream": r.bytes_ab,
+                   "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
+                   "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows},
         )
 
     # -- stop -----------------------------------------------------------------------------
 
     async def serve(self) -> None:
         await self.start()
-        await self.stopping.wait()
+        try:
+            if self.firewall is not None:
+                try:
+                    self.firewall.setup_firewall()
+                except Exception as exc:  # firewall.FirewallError
+                    raise StartupError(str(exc)) from None
+            sd_notify("READY=1")  # listening, and the firewall rules (if any) are in place
+            await self.stopping.wait()
+        finally:
+            if self.firewall is not None:
+                # before the drain: new connections then flow as if the proxy were not there
+                self.firewall.restore_firewall()
         await self.drain()
 
     async def drain(self) -> None:
         """Stop accepting at once; let open pairs finish for drain_timeout, then abort them."""
         loop = asyncio.get_running_loop()
+        sd_notify("STOPPING=1")
         if self.listener is not None:
             loop.remove_reader(self.listener.fileno())
             self.listener.close()
@@ -262,13 +352,29 @@ class Proxy:
         if self.relay.active:
             log.info("draining %d open connection(s), for %.0f s at most",
                      self.relay.active, self.config.drain_timeout)
-        while self.relay.active and loop.time() < deadline:
+        while self.relay.active and loop.time() < deadline and not self.hurry:
             await asyncio.sleep(0.05)
         loop.remove_reader(self.relay.notify_fd)
         self.relay.close()
         for result in self.relay.collect():
             self._log_result(result)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        _ignore_stop_signals(loop)
         log.info("stopped")
+
+
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    # Stopped cleanly: a late SIGTERM (systemd signals the whole cgroup, a supervisor may
+    # repeat itself) must not turn exit 0 into death by signal. Blocked while the loop's
+    # handlers go (which restores SIG_DFL), then ignored, which also drops a pending one.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _run_loop(coro) -> None:

@@ -13,6 +13,9 @@ IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 SOL_MPTCP = 284
 MPTCP_INFO = 1
 TCP_IS_MPTCP = 43
+SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
 
 _MPTCP_REFUSALS = {
     errno.ENOPROTOOPT: "MPTCP is disabled in the kernel (net.mptcp.enabled=0): enable it with "
@@ -41,40 +44,58 @@ def mptcp_unavailable() -> str | None:
     return None
 
 
-def stream_socket(family: int, mptcp: bool) -> socket.socket:
-    """A non-blocking stream socket, MPTCP or TCP."""
+def stream_socket(family: int, mptcp: bool, mark: int = 0) -> socket.socket:
+    """A non-blocking stream socket, MPTCP or TCP; `mark` sets SO_MARK (needs
+    CAP_NET_ADMIN) so firewall rules can tell the proxy's own connections apart."""
     sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
-    sock.setblocking(False)
+    try:
+        sock.setblocking(False)
+        if mark:
+            # on an MPTCP socket the kernel copies it to every subflow
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
 def make_listener(
-    bind: str | None, port: int, mptcp: bool, backlog: int
+    bind: str | None, port: int, mptcp: bool, backlog: int, transparent: bool = False
 ) -> socket.socket:
     """A listening socket; `bind=None` means dual-stack `::`, or `0.0.0.0` without IPv6.
 
-    Raises OSError from bind/listen unchanged; the caller words it.
+    `transparent` sets IP_TRANSPARENT / IPV6_TRANSPARENT (TPROXY; needs CAP_NET_ADMIN).
+    Raises OSError from setsockopt/bind/listen unchanged; the caller words it.
     """
     if bind is None:
         try:
-            return _listen(socket.AF_INET6, "::", port, mptcp, backlog, dual_stack=True)
+            return _listen(socket.AF_INET6, "::", port, mptcp, backlog, dual_stack=True,
+                           transparent=transparent)
         except OSError as exc:
             # No IPv6 in this kernel or namespace (disabled, or no address family).
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
         bind = "0.0.0.0"
     family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
-    return _listen(family, bind, port, mptcp, backlog, dual_stack=False)
+    return _listen(family, bind, port, mptcp, backlog, dual_stack=False,
+                   transparent=transparent)
 
 
 def _listen(
-    family: int, host: str, port: int, mptcp: bool, backlog: int, dual_stack: bool
+    family: int, host: str, port: int, mptcp: bool, backlog: int, dual_stack: bool,
+    transparent: bool = False,
 ) -> socket.socket:
     sock = stream_socket(family, mptcp)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        if transparent:
+            # TPROXY hands this listener connections for addresses that are not ours
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:

@@ -4,16 +4,21 @@ Hosts are network namespaces, links are veth pairs, and everything a test makes 
 removed when its :class:`TestBed` closes — also after a failure, on Ctrl-C (context
 manager / pytest finalizer) and at interpreter exit (``atexit`` safety net)::
 
-    with TestBed("simple") as bed:
+    with TestBed("simple") as bed:            # or the ``testbed`` pytest fixture
         cli, srv = bed.host("cli"), bed.host("srv")
         l1 = bed.link(cli, srv, "10.123.200.1/24", "10.123.200.2/24")
+        l2 = bed.link(cli, srv, "10.123.201.1/24", "10.123.201.2/24")
         srv.mptcp_limits(subflows=1)
-        srv.mptcp_endpoint(l1.ip_b, l1.dev_b, "signal")
-        mon = cli.monitor()
-        iperf = srv.start(["iperf3", "-s"])
-        srv.wait_listening(5201)
-        cli.run(["iperf3", "-c", l1.ip_b, "-t", "1"], timeout=30)
-        mon.wait_for({"CREATED": 2, "CLOSED": 2})
+        cli.mptcp_limits(subflows=1, add_addr_accepted=1)
+        srv.mptcp_endpoint(l2.ip_b, l2.dev_b, "signal")
+        l1.shape("100mbit")                      # tbf on both ends; l1.down() / l1.up()
+        mon = cli.monitor()                      # ip mptcp monitor, subscribed once returned
+        iperf = srv.start(["mptcpize", "run", "iperf3", "-s"])   # a Proc, stopped at close
+        srv.wait_listening(5201, proc=iperf)
+        cli.run(["mptcpize", "run", "iperf3", "-c", l1.ip_b, "-t", "1"], timeout=30)
+        mon.wait_for({"CREATED": 2, "SF_ESTABLISHED": 2})
+
+Process helpers (``run``, ``wait_until``, ``Proc``) live in ``procs.py``, re-exported here.
 
 Commands are argv lists (never shell strings) and every blocking call has a timeout.
 Namespace names carry a random per-bed suffix, so concurrent runs never collide; the
@@ -151,8 +156,8 @@ class Link:
         run(["ip", "link", "add", self.dev_a, "netns", a.name, "type", "veth",
              "peer", "name", self.dev_b, "netns", b.name])
         for host, dev, addr in ((a, self.dev_a, addr_a), (b, self.dev_b, addr_b)):
-            if addr:
-                host.ip("addr", "add", addr, "dev", dev)
+            if addr:  # IPv6 without duplicate address detection: usable at once
+                host.ip("addr", "add", addr, "dev", dev, *(["nodad"] if ":" in addr else []))
             host.ip("link", "set", dev, "up")
         self.ip_a = addr_a.split("/")[0] if addr_a else None
         self.ip_b = addr_b.split("/")[0] if addr_b else None
@@ -213,7 +218,7 @@ class MptcpMonitor:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"ip mptcp monitor in {host.name} saw no event\n"
                                        f"{self.proc.describe()}") from None
-        self._ignored = {tok for tok, _ in self._events()}
+        self.reset()
 
     def _events(self) -> list[tuple[str, str]]:
         """``(token, name)`` of the parsed events, in order."""
@@ -236,6 +241,10 @@ class MptcpMonitor:
         toks = self._tokens_with_port(port)
         closed = {tok for tok, name in self._events() if name == "CLOSED"}
         return len(toks) == 2 and toks <= closed
+
+    def reset(self) -> None:
+        """Count from zero again: ignore every connection seen so far."""
+        self._ignored |= {tok for tok, _ in self._events()}
 
     @property
     def lines(self) -> list[str]:

@@ -51,18 +51,26 @@ def wait_until(pred: Callable[[], T], timeout: float, what: str, interval: float
         time.sleep(interval)
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (read from /proc), parents first."""
-    children: dict[int, list[int]] = {}
+def _stat() -> dict[int, tuple[str, int, int]]:
+    """``{pid: (state, ppid, pgrp)}`` of every process, from /proc."""
+    out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     # the command name may hold spaces and parentheses: split after the last ')'
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
+                    state, ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(entry))
+            out[int(entry)] = (state, int(ppid), int(pgrp))
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents first."""
+    children: dict[int, list[int]] = {}
+    for p, (_, ppid, _) in _stat().items():
+        children.setdefault(ppid, []).append(p)
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -72,32 +80,31 @@ def _tree(pid: int) -> list[int]:
 
 
 def kill_pids(pids: Iterable[int], pgid: int | None = None, timeout: float = 5.0) -> None:
-    """SIGTERM ``pids`` (and process group ``pgid``), SIGKILL what is left after ``timeout``."""
-    pids = set(pids)
+    """End ``pids`` and the members of process group ``pgid``.
+
+    Each gets one SIGTERM (a second one could interrupt a graceful shutdown); whatever
+    is still alive after ``timeout`` gets SIGKILL.
+    """
+    def alive() -> set[int]:
+        procs = _stat()
+        return {p for p, (state, _, pgrp) in procs.items()
+                if (p in targets or pgrp == pgid) and state != "Z"}
+
+    targets = set(pids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
+        left = alive()
+        for p in left:
             try:
                 os.kill(p, sig)
             except ProcessLookupError:
                 pass
-        if pgid is not None:
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
+        targets |= left
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not any(os.path.exists(f"/proc/{p}") and not _is_zombie(p) for p in pids):
-                return
+        while left and time.monotonic() < deadline:
             time.sleep(0.02)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+            left = alive()
+        if not left:
+            return
 
 
 class Proc:
@@ -131,10 +138,8 @@ class Proc:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """End the process tree (SIGTERM, SIGKILL after ``timeout``); return the exit code."""
-        if self.popen.poll() is None:
-            kill_pids(_tree(self.pid), self.pid, timeout)
-        else:  # the leader is gone; its group may still hold children
-            kill_pids((), self.pid, timeout)
+        # the tree catches children that left the group, the group those that were orphaned
+        kill_pids(_tree(self.pid) if self.popen.poll() is None else (), self.pid, timeout)
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:

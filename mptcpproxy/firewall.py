@@ -1,0 +1,337 @@
+"""Transparent-mode firewall set-up: nftables rules and TPROXY policy routing as data.
+
+Two methods, in the manner of sshuttle's: `Redirect` (nat REDIRECT; connections from
+other hosts in prerouting and, when the proxy's own connections can be told apart by
+--mark or by a non-root uid, local ones in output) and `Tproxy` (TPROXY in prerouting,
+plus `ip rule fwmark M lookup T` and `ip route add local default dev lo table T` for
+IPv4 and IPv6). Each has `is_supported()`, `setup_firewall()` and `restore_firewall()`;
+every command is an argv list, run without a shell, and `restore_firewall()` removes
+exactly what `setup_firewall()` added.
+
+Everything lives in one table of our own, `inet mptcpproxy_<port>`. Its rule file starts
+with `table X` + `delete table X`, so loading it replaces a leftover of a crashed run in
+one transaction; the TPROXY mark and routing table are derived from the port too, so a
+leftover rule or route is found and replaced at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from mptcpproxy.config import Config
+
+log = logging.getLogger("mptcpproxy")
+
+CAP_NET_ADMIN = 12
+TPROXY_BASE = 0x6D70 << 16  # "mp": the TPROXY fwmark and routing table are BASE | port
+COMMAND_TIMEOUT = 10.0
+_SBIN = ("/usr/sbin", "/sbin")
+
+
+class FirewallError(Exception):
+    """Installing or removing the rules failed; the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class FirewallSpec:
+    """What the rules are built from."""
+
+    port: int  # the proxy's listener
+    mode: str = "client"  # client: TCP in, MPTCP out; server: MPTCP in, TCP out
+    intercept: tuple[tuple[int, int], ...] = ()  # destination port ranges; (): all TCP
+    mark: int = 0  # the proxy's own SO_MARK (0: none)
+    uid: int | None = None  # the proxy's uid when not root: its sockets are skipped too
+    ipv6: bool = True  # also IPv6 policy routing (TPROXY)
+
+    @property
+    def table(self) -> str:
+        return f"mptcpproxy_{self.port}"
+
+    @property
+    def tproxy_mark(self) -> int:
+        return TPROXY_BASE | self.port
+
+    @property
+    def route_table(self) -> int:
+        return TPROXY_BASE | self.port
+
+
+class Step(NamedTuple):
+    """One command: argv (never a shell string) and what it reads on stdin."""
+
+    argv: tuple[str, ...]
+    input: str | None = None
+
+
+Runner = Callable[[Step], None]
+
+
+def _find(tool: str) -> str | None:
+    path = os.environ.get("PATH", os.defpath)
+    return shutil.which(tool, path=os.pathsep.join([path, *_SBIN]))
+
+
+def run_step(step: Step) -> None:
+    """Run one step; raise FirewallError naming the command and the tool's message."""
+    exe = _find(step.argv[0]) or step.argv[0]
+    try:
+        res = subprocess.run(
+            [exe, *step.argv[1:]], input=step.input, capture_output=True, text=True,
+            timeout=COMMAND_TIMEOUT, stdin=None if step.input is not None else subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FirewallError(f"'{shlex.join(step.argv)}' could not run: {exc}") from None
+    if res.returncode != 0:
+        lines = (res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}").splitlines()
+        raise FirewallError(f"'{shlex.join(step.argv)}' failed: {lines[0].strip()}")
+
+
+def has_cap_net_admin() -> bool:
+    """Whether this process holds CAP_NET_ADMIN (effective set, /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def _dport_match(spec: FirewallSpec) -> str:
+    if not spec.intercept:
+        return "meta l4proto tcp"
+    items = [str(a) if a == b else f"{a}-{b}" for a, b in spec.intercept]
+    return f"tcp dport {items[0]}" if len(items) == 1 else f"tcp dport {{ {', '.join(items)} }}"
+
+
+class Method:
+    """A way of steering connections to the proxy; subclasses give the rules."""
+
+    name = ""
+    tools: tuple[str, ...] = ("nft",)
+
+    def __init__(self, spec: FirewallSpec, runner: Runner = run_step) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.installed: list[Step] = []  # restore steps of what is in place, in order
+
+    # -- rules as data ----------------------------------------------------------------
+
+    def chains(self) -> list[tuple[str, str, list[str]]]:
+        """(chain name, base chain header, rules), one statement per line."""
+        raise NotImplementedError
+
+    def nft_rules(self) -> str:
+        """The rule file for `nft -f -`: replaces our table, leftovers included."""
+        table = f"inet {self.spec.table}"
+        lines = [f"table {table}", f"delete table {table}", f"table {table} {{"]
+        for name, header, rules in self.chains():
+            lines += [f"\tchain {name} {{", f"\t\t{header}"]
+            lines += [f"\t\t{rule}" for rule in rules]
+            lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def routing(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(add command, delete command) pairs of the policy routing, in setup order."""
+        return []
+
+    def pairs(self) -> list[tuple[Step, Step]]:
+        """(setup step, its undo), in setup order: routing first, then the rules."""
+        table = f"inet {self.spec.table}"
+        return [(Step(add), Step(delete)) for add, delete in self.routing()] + [
+            (Step(("nft", "-f", "-"), self.nft_rules()),
+             Step(("nft", "delete", "table", *table.split())))
+        ]
+
+    def setup_steps(self) -> list[Step]:
+        """Commands that install everything, in order."""
+        return [step for step, _ in self.pairs()]
+
+    def restore_steps(self) -> list[Step]:
+        """Commands that remove everything, in order (the rules first, then routing)."""
+        return [undo for _, undo in reversed(self.pairs())]
+
+    # -- checks -------------------------------------------------------------------------
+
+    def unsupported_reason(self) -> str | None:
+        """None when setup_firewall() can work here, else one sentence saying why not."""
+        manual = ("or install the rules yourself (--print-firewall shows them) and leave "
+                  "out --setup-firewall")
+        for tool in self.tools:
+            if _find(tool) is None:
+                package = {"nft": "nftables", "ip": "iproute2"}.get(tool, tool)
+                return (f"--setup-firewall needs the '{tool}' command, which is not "
+                        f"installed: install the {package} package, {manual}")
+        if not has_cap_net_admin():
+            return (f"--setup-firewall needs CAP_NET_ADMIN, which this process lacks: run "
+                    f"it as root, {manual}")
+        return None
+
+    def is_supported(self) -> bool:
+        return self.unsupported_reason() is None
+
+    def notes(self) -> list[str]:
+        return []
+
+    # -- apply --------------------------------------------------------------------------
+
+    def _clear_leftovers(self) -> None:
+        # A crashed run may have left its TPROXY routing (whatever its method was): delete
+        # each until it fails, duplicates too. The table is replaced by the rule file.
+        for _, undo in Tproxy(self.spec).routing():
+            for _ in range(8):
+                try:
+                    self.runner(Step(undo))
+                except FirewallError:
+                    break
+                log.info("firewall: removed a leftover: %s", shlex.join(undo))
+
+    def setup_firewall(self) -> None:
+        """Install the rules (replacing leftovers); on failure remove what was added."""
+        self._clear_leftovers()
+        for step, undo in self.pairs():
+            try:
+                self.runner(step)
+            except FirewallError:
+                self.restore_firewall()
+                raise
+            self.installed.insert(0, undo)
+            log.debug("firewall: %s", shlex.join(step.argv))
+        for text in self.notes():
+            log.info("firewall: %s", text)
+        log.info("firewall: installed table inet %s%s", self.spec.table,
+                 " and TPROXY policy routing" if self.routing() else "")
+
+    def restore_firewall(self) -> None:
+        """Remove what setup_firewall() added; safe to call twice."""
+        steps, self.installed = self.installed, []
+        for step in steps:
+            try:
+                self.runner(step)
+            except FirewallError as exc:
+                log.warning("firewall: %s", exc)
+        if steps:
+            log.info("firewall: removed table inet %s%s", self.spec.table,
+                     " and TPROXY policy routing" if self.routing() else "")
+
+    def manual(self) -> str:
+        """The rules as a shell script, for --print-firewall."""
+        spec = self.spec
+        intercept = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spec.intercept)
+        out = [
+            f"# mptcp-proxy -t {self.name}, listener port {spec.port}, intercepting "
+            f"{'TCP to port(s) ' + intercept if intercept else 'all TCP'}.",
+            "# Install (loading the table again replaces it):",
+        ]
+        out += [shlex.join(add) for add, _ in self.routing()]
+        out += ["nft -f - <<'EOF'", self.nft_rules().rstrip("\n"), "EOF"]
+        out.append("# Remove:")
+        out += [shlex.join(step.argv) for step in self.restore_steps()]
+        out += [f"# Note: {text}" for text in self.notes()]
+        return "\n".join(out) + "\n"
+
+
+class Redirect(Method):
+    """nat REDIRECT to the listener; the proxy reads SO_ORIGINAL_DST (or conntrack)."""
+
+    name = "redirect"
+
+    def chains(self) -> list[tuple[str, str, list[str]]]:
+        spec = self.spec
+        catch = f"{_dport_match(spec)} redirect to :{spec.port}"
+        chains = [("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
+                   [catch])]
+        skip = []
+        if spec.mark:
+            skip.append(f"meta mark 0x{spec.mark:x} return")  # the proxy's own (--mark)
+        if spec.uid is not None:
+            skip.append(f"meta skuid {spec.uid} return")  # the proxy's own (its user)
+            if spec.mode == "client":
+                # MPTCP's additional subflows are opened by the kernel as root, not as the
+                # proxy's user; their SYNs carry an MPTCP option, local TCP ones do not
+                skip.append("tcp option mptcp exists return")
+        if skip:
+            # local applications; connections to this host itself are left alone
+            chains.append(("output", "type nat hook output priority -100; policy accept;",
+                           [*skip, "fib daddr type local return", catch]))
+        return chains
+
+    def notes(self) -> list[str]:
+        if self.spec.mark or self.spec.uid is not None:
+            return []
+        return ["connections of local applications are not intercepted: give --mark N or "
+                "run the proxy as a dedicated user, so that the rules can skip its own"]
+
+
+class Tproxy(Method):
+    """TPROXY to the transparent listener; the accepted socket's address is the original."""
+
+    name = "tproxy"
+    tools = ("nft", "ip")
+
+    def chains(self) -> list[tuple[str, str, list[str]]]:
+        spec = self.spec
+        return [("prerouting", "type filter hook prerouting priority mangle; policy accept;", [
+            # the proxy's own connections to this host come back in through lo
+            'iifname "lo" return',
+            # connections to this host itself are delivered, not intercepted
+            "fib daddr type local return",
+            f"{_dport_match(spec)} tproxy to :{spec.port} "
+            f"meta mark set 0x{spec.tproxy_mark:x} accept",
+        ])]
+
+    def notes(self) -> list[str]:
+        spec = self.spec
+        if spec.mode != "server" or spec.intercept == ((spec.port, spec.port),):
+            return []
+        return ["with -t tproxy in server mode, MPTCP subflows can join only when the proxy "
+                "listens on the intercepted port itself (-p P --intercept P): the kernel "
+                "accepts an MP_JOIN only on a listener with the connection's own port; "
+                "-t redirect has no such limit"]
+
+    def _families(self) -> list[tuple[str, str]]:
+        return [("-4", "0.0.0.0/0")] + ([("-6", "::/0")] if self.spec.ipv6 else [])
+
+    def routing(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        spec, out = self.spec, []
+        for fam, default in self._families():
+            route = ("local", default, "dev", "lo", "table", str(spec.route_table))
+            rule = ("fwmark", f"0x{spec.tproxy_mark:x}", "lookup", str(spec.route_table))
+            out.append((("ip", fam, "route", "add", *route), ("ip", fam, "route", "del", *route)))
+            out.append((("ip", fam, "rule", "add", *rule), ("ip", fam, "rule", "del", *rule)))
+        return out
+
+
+METHODS: dict[str, type[Method]] = {"redirect": Redirect, "tproxy": Tproxy}
+
+
+def spec_from_config(config: Config, ipv6: bool | None = None,
+                     uid: int | None = None) -> FirewallSpec:
+    """The rule spec for a transparent-mode configuration (uid: this process's, if not 0)."""
+    if uid is None:
+        uid = os.geteuid()
+    if ipv6 is None:
+        ipv6 = os.path.exists("/proc/net/if_inet6")
+    return FirewallSpec(port=config.port, mode=config.mode, intercept=config.intercept,
+                        mark=config.mark, uid=uid or None, ipv6=ipv6)
+
+
+def method_for(config: Config, runner: Runner = run_step, **spec_args) -> Method:
+    """The firewall method of `config.transparent`."""
+    if config.transparent not in METHODS:
+        raise ValueError(f"not a transparent-mode configuration: {config.transparent!r}")
+    return METHODS[config.transparent](spec_from_config(config, **spec_args), runner)
+
+
+def commands(steps: Sequence[Step]) -> list[list[str]]:
+    """The argv lists of `steps` (for tests and logs)."""
+    return [list(step.argv) for step in steps]

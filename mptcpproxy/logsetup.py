@@ -1,0 +1,132 @@
+"""Logging set-up: `--log-file PATH` (reopened on SIGHUP, for logrotate) and
+`--log-format text|json` (json: one object per line, with the `extra=` fields).
+
+A connection-end line passes its fields with `extra=`; the text format shows only the
+message, the json format adds the fields as keys::
+
+    log.info("conn %d closed: %s", cid, reason, extra={"conn_id": cid, "reason": reason})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from datetime import datetime, timezone
+from types import FrameType
+
+from mptcpproxy.config import ConfigError
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+FORMATS = ("text", "json")
+
+# The attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, then the `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        # default=str: a field that is not JSON (an address tuple, an enum) still logs
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A file handler that reopens its path after SIGHUP (logrotate's `postrotate`).
+
+    The signal handler only sets a flag (no lock, no I/O: it may interrupt an emit); the
+    next record reopens the file before it is written, so nothing goes to the rotated file
+    after the signal. `reopen()` does it at once, for callers outside a signal handler.
+    """
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename, mode="a", encoding="utf-8")
+        self._reopen_requested = False
+
+    def request_reopen(self) -> None:
+        """Async-signal-safe: mark the file to be reopened before the next record."""
+        self._reopen_requested = True
+
+    def reopen(self) -> None:
+        """Reopen the file now (takes the handler lock)."""
+        with self.lock:  # type: ignore[union-attr]
+            self._reopen_locked()
+
+    def _reopen_locked(self) -> None:
+        self._reopen_requested = False
+        try:
+            stream = self._open()
+        except OSError as exc:  # keep writing to the old file rather than nowhere
+            sys.stderr.write(f"cannot reopen log file {self.baseFilename}: {exc.strerror}\n")
+            return
+        old, self.stream = self.stream, stream
+        if old is not None:
+            old.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._reopen_requested:  # handle() holds the lock here
+            self._reopen_locked()
+        super().emit(record)
+
+
+_installed: list[logging.Handler] = []  # what setup_logging() added to the root logger
+
+
+def _on_sighup(signum: int, frame: FrameType | None) -> None:
+    for handler in list(_installed):
+        if isinstance(handler, ReopenableFileHandler):
+            handler.request_reopen()
+
+
+def reopen_log_files() -> None:
+    """Reopen the log file now; for a control plane that handles SIGHUP itself."""
+    for handler in list(_installed):
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()
+
+
+def setup_logging(level: int = logging.INFO, log_file: str | None = None,
+                  log_format: str = "text") -> logging.Handler:
+    """Configure the root logger: stderr, or `log_file` reopened on SIGHUP; text or json.
+
+    Replaces what an earlier call installed. Raises ConfigError (one sentence) when the
+    log file cannot be opened or the format is unknown. Call from the main thread.
+    """
+    if log_format not in FORMATS:
+        raise ConfigError(f"unknown log format '{log_format}' (use {' or '.join(FORMATS)})")
+    handler: logging.Handler
+    if log_file:
+        try:
+            handler = ReopenableFileHandler(log_file)
+        except OSError as exc:
+            raise ConfigError(f"cannot open log file '{log_file}': {exc.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in _installed:
+        root.removeHandler(old)
+        old.close()
+    _installed[:] = [handler]
+    root.addHandler(handler)
+    root.setLevel(level)
+    if log_file:
+        # Without a handler SIGHUP would kill the daemon; with one it means "reopen".
+        signal.signal(signal.SIGHUP, _on_sighup)
+    return handler
