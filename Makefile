@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod \
+APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf
 BENCH_APT_PACKAGES := haproxy socat mptcpd
 

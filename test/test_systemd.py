@@ -164,6 +164,4 @@ def test_example_config_words_are_options() -> None:
 
     known = {opt for action in build_parser()._actions for opt in action.option_strings}
     missing = flags - known
-    if missing == {"--metrics"} and "--metrics" not in known:
-        pytest.skip("--metrics is not wired into cli.py yet")
     assert not missing, f"unknown flags in the example: {missing}"
