@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transparent.add_argument(
         "--print-firewall", action="store_true",
-        help="print those rules as shell commands, for installing them by hand, and exit",
+        help="print those rules as shell commands, for installing them by hand, and exit "
+             "(with or without --setup-firewall)",
     )
     transparent.add_argument(
         "--intercept", type=_typed(parse_port_ranges), default=(), metavar="PORTS",
@@ -239,8 +240,6 @@ def _check_transparent_args(parser: argparse.ArgumentParser, args: argparse.Name
     if args.transparent == "tproxy" and args.mark == TPROXY_BASE | args.port:
         parser.error(f"--mark 0x{args.mark:x} is the mark TPROXY uses to route intercepted "
                      "connections to this proxy: choose another mark")
-    if args.setup_firewall and args.print_firewall:
-        parser.error("--print-firewall prints the rules and exits: leave out --setup-firewall")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from mptcpproxy import sockets
+from mptcpproxy import origdst, sockets
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay, Result
@@ -122,7 +122,7 @@ class Proxy:
         self.stopping.set()
 
     def _start_transparent(self) -> None:
-        from mptcpproxy import conntrack, firewall, origdst
+        from mptcpproxy import conntrack, firewall
 
         cfg = self.config
         if cfg.mark:
@@ -256,7 +256,7 @@ class Proxy:
         peer = sockets.peer_name(addr)
         try:
             target = self.target_for(client)
-        except Exception as exc:  # origdst.Refused, or the lookup failed (OSError)
+        except (origdst.Refused, OSError) as exc:  # OSError: the lookup itself failed
             self.metrics.connect_failed("other")
             log.warning("conn %d from %s: refused: %s", conn_id, peer,
                         f"no original destination ({_reason(exc)})"

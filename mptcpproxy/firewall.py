@@ -12,6 +12,12 @@ Everything lives in one table of our own, `inet mptcpproxy_<port>`. Its rule fil
 with `table X` + `delete table X`, so loading it replaces a leftover of a crashed run in
 one transaction; the TPROXY mark and routing table are derived from the port too, so a
 leftover rule or route is found and replaced at the next start.
+
+Redirect's prerouting chain also catches connections to this host's own addresses: an
+MPTCP subflow joining a transparent server arrives at the server's announced address with
+the original port, and must reach the listener with the port the first subflow was
+redirected to. Tproxy leaves them alone (a tproxied listener gets such joins only when it
+listens on the intercepted port itself; see docs/transparent.md).
 """
 
 from __future__ import annotations
