@@ -62,11 +62,7 @@ def main() -> int:
         monitor = cli.monitor()
         print("2/2 iperf3 through the proxy pair (TCP -> MPTCP -> TCP) ...", flush=True)
         multi = iperf(cli, "-c", "127.0.0.1", "-p", "5555")
-        try:  # the CLOSED events and the proxy's log lines follow the last bytes
-            monitor.wait_for({"CLOSED": 2}, timeout=10)
-        except AssertionError:
-            pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10  # the log lines follow the last bytes
         while len(conn_lines(client)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         counts = monitor.counts()
@@ -77,6 +73,10 @@ def main() -> int:
         print(f"{'proxy pair, MPTCP, two paths':32}{multi:10.1f}   ({multi / single:.2f}x)")
         print("\nMPTCP events in the client host (iperf3 opens 2 connections):")
         print("  " + "  ".join(f"{name} {counts[name]}" for name in EVENTS))
+        if counts["CLOSED"] < 2:
+            print("  (iperf3's server closes its data connection while bytes are still in flight:"
+                  "\n   that reset reaches the client as an MPTCP fast close, which the kernel"
+                  "\n   reports with no CLOSED event on the side that receives it)")
         print("\nclient proxy, one line per connection:")
         for line in conn_lines(client):
             print("  " + line.split(" INFO ", 1)[-1])

@@ -52,7 +52,8 @@ cdef struct Pair:
     int is_mptcp
     int subflows
     int64_t start_ns
-    int64_t last_ns
+    int64_t last_ns  # the last time a byte moved
+    int64_t sampled_ns  # the last MPTCP status sample
     int reason
     int err
     int dead
@@ -315,6 +316,7 @@ cdef void take_incoming(WorkerState *w) noexcept nogil:
             finish(w, p, R_ERROR, err)
         else:
             sample_mptcp(p)
+            p.sampled_ns = w.now
         p = nxt
 
 
@@ -324,15 +326,20 @@ cdef void abort_all(WorkerState *w) noexcept nogil:
         finish(w, w.pairs, R_ABORTED, 0)
 
 
-cdef void scan_idle(WorkerState *w) noexcept nogil:
+cdef void scan(WorkerState *w) noexcept nogil:
+    # Idle timeouts, and the MPTCP status of busy pairs once a second: subflows come and
+    # go during a connection, and after a reset the kernel has already dropped them.
     cdef Pair *p = w.pairs
     cdef Pair *nxt
     while p != NULL:
         nxt = p.next
-        if w.now - p.last_ns >= w.idle_ns:
+        if w.idle_ns > 0 and w.now - p.last_ns >= w.idle_ns:
             finish(w, p, R_TIMEOUT, 0)
+        elif p.mptcp_side >= 0 and p.last_ns > p.sampled_ns and w.now - p.sampled_ns >= NS:
+            sample_mptcp(p)
+            p.sampled_ns = w.now
         p = nxt
-    w.next_scan = w.now + NS // 4
+    w.next_scan = w.now + (NS // 4 if w.idle_ns > 0 else NS)
 
 
 cdef int worker_step(WorkerState *w) noexcept nogil:
@@ -349,8 +356,8 @@ cdef int worker_step(WorkerState *w) noexcept nogil:
     while True:
         if w.ready != NULL:
             timeout = 0
-        elif w.idle_ns > 0:
-            timeout = 250
+        elif w.pairs != NULL:
+            timeout = 250 if w.idle_ns > 0 else 1000
         else:
             timeout = -1
         n = c.epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
@@ -391,8 +398,8 @@ cdef int worker_step(WorkerState *w) noexcept nogil:
             q.queued = 0
             if not q.dead:
                 pump(w, q)
-        if w.idle_ns > 0 and w.now >= w.next_scan:
-            scan_idle(w)
+        if w.pairs != NULL and w.now >= w.next_scan:
+            scan(w)
         while w.graveyard != NULL:
             p = w.graveyard
             w.graveyard = p.next

@@ -25,7 +25,7 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 class _Pair:
     __slots__ = (
         "socks", "readable", "writable", "pending", "nbytes", "done", "conn_id",
-        "mptcp_side", "is_mptcp", "subflows", "start", "last", "dead", "queued",
+        "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
     )
 
     def __init__(self, fd_a: int, fd_b: int, conn_id: int, mptcp_side: int) -> None:
@@ -39,7 +39,7 @@ class _Pair:
         self.mptcp_side = mptcp_side
         self.is_mptcp = False
         self.subflows = 0
-        self.start = self.last = time.monotonic()
+        self.start = self.last = self.sampled = time.monotonic()
         self.dead = False
         self.queued = False
 
@@ -98,7 +98,7 @@ class _Worker:
     def _run(self) -> None:
         next_scan = 0.0
         while True:
-            timeout = 0 if self.ready else 0.25 if self.idle > 0 else -1
+            timeout = 0 if self.ready else -1 if not self.pairs else 0.25 if self.idle > 0 else 1.0
             events = self.ep.poll(timeout)
             now = time.monotonic()
             for fd, ev in events:
@@ -126,16 +126,26 @@ class _Worker:
                 pair.queued = False
                 if not pair.dead:
                     self._pump(pair, now)
-            if self.idle > 0 and now >= next_scan:
-                for pair, i in list(self.pairs.values()):
-                    if i == 0 and not pair.dead and now - pair.last >= self.idle:
-                        self._finish(pair, TIMEOUT, 0)
-                next_scan = now + 0.25
+            if self.pairs and now >= next_scan:
+                self._scan(now)
+                next_scan = now + (0.25 if self.idle > 0 else 1.0)
             if self.stopping:
                 self._take_incoming(now)
                 for pair, _ in list(self.pairs.values()):
                     self._finish(pair, ABORTED, 0)
                 return
+
+    def _scan(self, now: float) -> None:
+        # Idle timeouts, and the MPTCP status of busy pairs once a second: subflows come
+        # and go during a connection, and after a reset the kernel has already dropped them.
+        for pair, i in list(self.pairs.values()):
+            if i == 1 or pair.dead:
+                continue
+            if self.idle > 0 and now - pair.last >= self.idle:
+                self._finish(pair, TIMEOUT, 0)
+            elif pair.mptcp_side >= 0 and pair.last > pair.sampled and now - pair.sampled >= 1:
+                pair.sample_mptcp()
+                pair.sampled = now
 
     def _take_incoming(self, now: float) -> None:
         try:
@@ -155,6 +165,7 @@ class _Worker:
                 self._finish(pair, ERROR, exc.errno or 0)
                 continue
             pair.sample_mptcp()
+            pair.sampled = now
 
     def _pump(self, pair: _Pair, now: float) -> None:
         if self._pump_half(pair, 0, now) and self._pump_half(pair, 1, now):
