@@ -17,6 +17,7 @@ manager / pytest finalizer) and at interpreter exit (``atexit`` safety net)::
         srv.wait_listening(5201, proc=iperf)
         cli.run(["mptcpize", "run", "iperf3", "-c", l1.ip_b, "-t", "1"], timeout=30)
         mon.wait_for({"CREATED": 2, "SF_ESTABLISHED": 2})
+        sock = cli.connect((l1.ip_b, 5201))     # the test's own socket, made inside cli
 
 Process helpers (``run``, ``wait_until``, ``Proc``) live in ``procs.py``, re-exported here.
 
@@ -29,12 +30,15 @@ namespaces and are never created in the root namespace.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -46,6 +50,7 @@ __all__ = ["DEFAULT_TIMEOUT", "Host", "Link", "MptcpMonitor", "Proc", "TestBed",
            "testbed", "wait_until"]
 
 _LIVE: set[TestBed] = set()
+_CLONE_NEWNET = 0x40000000
 
 
 class Host:
@@ -135,6 +140,38 @@ class Host:
     def monitor(self, timeout: float = DEFAULT_TIMEOUT) -> MptcpMonitor:
         """Start an ``ip mptcp monitor`` here and return it once it receives events."""
         return MptcpMonitor(self, timeout)
+
+    def connect(self, addr: tuple, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+        """A TCP socket of the test process itself, connected to ``addr`` in this namespace.
+
+        Raises what ``connect()`` raises (``ConnectionRefusedError`` when nothing listens).
+        """
+        made: list[socket.socket | OSError] = []
+
+        def make() -> None:
+            # setns(CLONE_NEWNET) moves only the calling thread, and a socket stays in the
+            # namespace it was made in: a short-lived thread makes it, any thread uses it
+            try:
+                with open(f"/run/netns/{self.name}") as ns:
+                    if ctypes.CDLL(None, use_errno=True).setns(ns.fileno(), _CLONE_NEWNET):
+                        raise OSError(ctypes.get_errno(), f"setns into {self.name} failed")
+                made.append(socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET))
+            except OSError as exc:  # raised in the caller's thread
+                made.append(exc)
+
+        thread = threading.Thread(target=make, name=f"setns-{self.label}")
+        thread.start()
+        thread.join()
+        if isinstance(made[0], OSError):
+            raise made[0]
+        sock = made[0]
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def pids(self) -> list[int]:
         """The processes whose network namespace is this one (``ip netns pids``)."""

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
 import pytest
 
@@ -27,15 +28,17 @@ def peer(host, *args: str, timeout: float = 120) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def chain(testbed, service: str = "echo", *extra: str, remote: str | None = None):
-    """One host running the service, a server proxy and a client proxy in front of it."""
+def chain(testbed, service: str = "echo", *extra: str, remote: str | None = None,
+          server_args: Sequence[str] = (), client_args: Sequence[str] = ()):
+    """One host running the service, a server proxy and a client proxy in front of it;
+    `server_args` and `client_args` are added to each proxy's command line."""
     host = testbed.host("lo")
     svc = host.start([sys.executable, PEERS, service, str(SERVICE), *extra], name="service")
     host.wait_listening(SERVICE, proc=svc)
     server = start_proxy(host, "-m", "server", "-p", str(SERVER), "-r",
-                         f"127.0.0.1:{SERVICE}", port=SERVER)
+                         f"127.0.0.1:{SERVICE}", *server_args, port=SERVER)
     client = start_proxy(host, "-m", "client", "-p", str(CLIENT), "-r",
-                         remote or f"127.0.0.1:{SERVER}", port=CLIENT)
+                         remote or f"127.0.0.1:{SERVER}", *client_args, port=CLIENT)
     return host, server, client
 
 
