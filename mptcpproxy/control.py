@@ -12,10 +12,10 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 from mptcpproxy import origdst, sockets
 from mptcpproxy.config import Config, HostPort
+from mptcpproxy.connect import Attempt, resolve
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay, Result
 from mptcpproxy.sdnotify import sd_notify
@@ -30,11 +30,12 @@ class StartupError(Exception):
     """The proxy cannot start; the message is one sentence for a person."""
 
 
-@dataclass
 class _Conn:
-    client: str
-    upstream: str
-    mptcp_leg: bool
+    # Addresses are kept as tuples and formatted only when the connection is logged.
+    __slots__ = ("client", "upstream", "mptcp_leg")
+
+    def __init__(self, client: tuple, upstream: tuple, mptcp_leg: bool) -> None:
+        self.client, self.upstream, self.mptcp_leg = client, upstream, mptcp_leg
 
 
 def _reason(exc: BaseException) -> str:
@@ -53,7 +54,7 @@ class Proxy:
         self.relay: Relay | None = None
         self.listener: socket.socket | None = None
         self.conns: dict[int, _Conn] = {}
-        self.connecting: set[asyncio.Task] = set()
+        self.connecting: set[Attempt] = set()
         self.ids = itertools.count(1)
         self.stopping: asyncio.Event | None = None
         self._last_warning: dict[str, float] = {}
@@ -77,7 +78,7 @@ class Proxy:
             self._start_transparent()
         if cfg.remote is not None and not cfg.remote.is_literal:
             try:
-                await self._resolve(cfg.remote)
+                await resolve(asyncio.get_running_loop(), cfg.remote)
             except OSError as exc:
                 raise StartupError(
                     f"cannot resolve the remote host '{cfg.remote.host}' ({_reason(exc)}): "
@@ -186,9 +187,7 @@ class Proxy:
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = asyncio.get_running_loop().create_task(self._setup(conn, addr))
-            self.connecting.add(task)
-            task.add_done_callback(self.connecting.discard)
+            self._begin(conn, addr)
 
     def _pause_accept(self, exc: OSError) -> None:
         # Out of fds: stop polling the listener for a moment instead of spinning on it.
@@ -212,77 +211,51 @@ class Proxy:
 
     # -- connection set-up ----------------------------------------------------------------
 
-    async def _resolve(self, remote: HostPort) -> list[tuple[int, tuple]]:
-        if remote.is_literal:
-            family = socket.AF_INET6 if ":" in remote.host else socket.AF_INET
-            return [(family, (remote.host, remote.port))]
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            remote.host, remote.port, type=socket.SOCK_STREAM
-        )
-        return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-
-    async def _connect(self, target: HostPort) -> tuple[socket.socket, tuple]:
-        """Connect upstream, trying every address of the target within the timeout."""
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.connect_timeout
-        addresses = await asyncio.wait_for(self._resolve(target), cfg.connect_timeout)
-        last: BaseException = OSError(errno.EHOSTUNREACH, "no address")
-        for family, sockaddr in addresses:
-            sock = sockets.stream_socket(family, cfg.upstream_mptcp, cfg.mark)
-            try:
-                await asyncio.wait_for(
-                    loop.sock_connect(sock, sockaddr), max(deadline - loop.time(), 0.001)
-                )
-                return sock, sockaddr
-            except (OSError, asyncio.TimeoutError) as exc:
-                sock.close()
-                last = exc
-                if loop.time() >= deadline:
-                    break
-            except BaseException:  # cancelled by a drain
-                sock.close()
-                raise
-        raise last
-
     def target_for(self, client: socket.socket) -> HostPort:
         """Where to connect for this client: -r, or its original destination (-t)."""
         if self.transparent is None:
             return self.config.remote
         return self.transparent.target_for(client)
 
-    async def _setup(self, client: socket.socket, addr: tuple) -> None:
+    def _begin(self, client: socket.socket, addr: tuple) -> None:
         conn_id = next(self.ids)
-        peer = sockets.peer_name(addr)
         try:
             target = self.target_for(client)
         except (origdst.Refused, OSError) as exc:  # OSError: the lookup itself failed
             self.metrics.connect_failed("other")
-            log.warning("conn %d from %s: refused: %s", conn_id, peer,
+            log.warning("conn %d from %s: refused: %s", conn_id, sockets.peer_name(addr),
                         f"no original destination ({_reason(exc)})"
                         if isinstance(exc, OSError) else exc)
             client.close()
             return
-        try:
-            upstream, sockaddr = await self._connect(target)
-        except asyncio.CancelledError:
-            client.close()
-            raise
-        except (OSError, asyncio.TimeoutError) as exc:
-            self.metrics.connect_failed(connect_failure_reason(exc))
-            log.warning(
-                "conn %d from %s: upstream %s failed: %s; closing the client connection",
-                conn_id, peer, target, _reason(exc),
-            )
-            client.close()
-            return
+        cfg = self.config
+        attempt = Attempt(
+            asyncio.get_running_loop(), conn_id, client, addr, target, cfg.upstream_mptcp,
+            cfg.mark, self._on_connected, self._on_connect_failed,
+        )
+        self.connecting.add(attempt)
+        attempt.start(cfg.connect_timeout)
+
+    def _on_connect_failed(self, attempt: Attempt, exc: BaseException) -> None:
+        self.connecting.discard(attempt)
+        self.metrics.connect_failed(connect_failure_reason(exc))
+        log.warning(
+            "conn %d from %s: upstream %s failed: %s; closing the client connection",
+            attempt.conn_id, sockets.peer_name(attempt.addr), attempt.target, _reason(exc),
+        )
+
+    def _on_connected(self, attempt: Attempt) -> None:
+        self.connecting.discard(attempt)  # before the relay counts it: never counted twice
+        client, upstream = attempt.client, attempt.upstream
         sockets.set_nodelay(client)
         sockets.set_nodelay(upstream)
         cfg = self.config
-        up_name = sockets.peer_name(sockaddr)
-        log.debug("conn %d: %s -> %s established", conn_id, peer, up_name)
+        conn_id = attempt.conn_id
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn %d: %s -> %s established", conn_id,
+                      sockets.peer_name(attempt.addr), sockets.peer_name(attempt.sockaddr))
         mptcp_leg = not cfg.disable_mptcp
-        self.conns[conn_id] = _Conn(peer, up_name, mptcp_leg)
+        self.conns[conn_id] = _Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
         fd_client, fd_up = client.detach(), upstream.detach()
         mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
         self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
@@ -298,6 +271,8 @@ class Proxy:
         if conn is None:
             return
         self.metrics.connection_closed(r, conn.mptcp_leg)
+        if not log.isEnabledFor(logging.INFO):
+            return
         how = r.reason
         if r.errno:
             how += f" ({os.strerror(r.errno).lower()})"
@@ -307,12 +282,13 @@ class Proxy:
             mptcp = f"mptcp=yes subflows={r.subflows}"
         else:
             mptcp = "mptcp=no (fell back to TCP)"
+        client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
         log.info(
             "conn %d %s: client %s upstream %s sent %d B received %d B in %.3f s, %s",
-            r.conn_id, how, conn.client, conn.upstream, r.bytes_ab, r.bytes_ba,
+            r.conn_id, how, client, upstream, r.bytes_ab, r.bytes_ba,
             r.duration, mptcp,
-            extra={"event": "conn_end", "conn_id": r.conn_id, "client": conn.client,
-                   "upstream": conn.upstream, "reason": r.reason, "errno": r.errno,
+            extra={"event": "conn_end", "conn_id": r.conn_id, "client": client,
+                   "upstream": upstream, "reason": r.reason, "errno": r.errno,
                    "bytes_client_to_upstream": r.bytes_ab,
                    "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
                    "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows},
@@ -344,10 +320,9 @@ class Proxy:
             loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-        for task in list(self.connecting):
-            task.cancel()
-        if self.connecting:
-            await asyncio.gather(*self.connecting, return_exceptions=True)
+        for attempt in list(self.connecting):
+            attempt.cancel()
+        self.connecting.clear()
         deadline = loop.time() + self.config.drain_timeout
         if self.relay.active:
             log.info("draining %d open connection(s), for %.0f s at most",

@@ -123,3 +123,43 @@ def test_sigterm_stops_with_exit_0(testbed):
     log = stop_cleanly(proc)
     assert "stopped" in log
     assert not host.listening(SERVER)
+
+
+def test_every_address_of_a_name_is_tried(testbed):
+    # The server proxy listens on IPv4 only; "localhost" also resolves to ::1, which is
+    # refused: the client proxy goes on to the next address instead of failing.
+    host = testbed.host("lo")
+    svc = host.start([sys.executable, PEERS, "echo", str(SERVICE)], name="service")
+    host.wait_listening(SERVICE, proc=svc)
+    start_proxy(host, "-m", "server", "-b", "127.0.0.1", "-p", str(SERVER), "-r",
+                f"127.0.0.1:{SERVICE}", port=SERVER)
+    client = start_proxy(host, "-m", "client", "-p", str(CLIENT), "-r", f"localhost:{SERVER}",
+                         port=CLIENT)
+    assert peer(host, "clients", "127.0.0.1", str(CLIENT), "4", "17")["failed"] == []
+    log = stop_cleanly(client)
+    assert log.count("upstream 127.0.0.1:4444") == 4, log
+    assert "failed" not in log
+
+
+def test_connect_timeout_closes_the_client(testbed):
+    host = testbed.host("lo")
+    # SYNs to port 9 vanish: the upstream neither accepts nor refuses.
+    host.run(["nft", "-f", "-"], input=(
+        "table ip blackhole {\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        "    tcp dport 9 drop\n"
+        "  }\n"
+        "}\n"))
+    client = start_proxy(host, "-m", "client", "-p", str(CLIENT), "-r", "127.0.0.1:9",
+                         "--connect-timeout", "1", port=CLIENT)
+    probe = (
+        "import socket\n"
+        f"s = socket.create_connection(('127.0.0.1', {CLIENT}), timeout=10)\n"
+        "try:\n    print(repr(s.recv(10)))\n"
+        "except ConnectionResetError:\n    print('reset')\n"
+    )
+    out = host.run([sys.executable, "-c", probe], timeout=30).stdout.strip()
+    assert out in ("b''", "reset")
+    log = stop_cleanly(client)
+    assert "upstream 127.0.0.1:9 failed: timed out" in log, log
