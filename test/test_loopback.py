@@ -42,6 +42,18 @@ def chain(testbed, service: str = "echo", *extra: str, remote: str | None = None
     return host, server, client
 
 
+def assert_closed_without_data(host) -> None:
+    """A client of the client proxy sees its connection closed (or reset), no byte."""
+    probe = (
+        "import socket\n"
+        f"s = socket.create_connection(('127.0.0.1', {CLIENT}), timeout=10)\n"
+        "try:\n    print(repr(s.recv(10)))\n"
+        "except ConnectionResetError:\n    print('reset')\n"
+    )
+    out = host.run([sys.executable, "-c", probe], timeout=30).stdout.strip()
+    assert out in ("b''", "reset")
+
+
 def stop_cleanly(proc) -> str:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.describe()
@@ -103,15 +115,8 @@ def test_upstream_refused_closes_client_and_keeps_serving(testbed):
     host = testbed.host("lo")
     client = start_proxy(host, "-m", "client", "-p", str(CLIENT), "-r", "127.0.0.1:1",
                          port=CLIENT)
-    probe = (
-        "import socket\n"
-        f"s = socket.create_connection(('127.0.0.1', {CLIENT}), timeout=10)\n"
-        "try:\n    print(repr(s.recv(10)))\n"
-        "except ConnectionResetError:\n    print('reset')\n"
-    )
     for _ in range(2):  # still serving after the first failure
-        out = host.run([sys.executable, "-c", probe], timeout=30).stdout.strip()
-        assert out in ("b''", "reset")
+        assert_closed_without_data(host)
     log = stop_cleanly(client)
     assert log.count("upstream 127.0.0.1:1 failed: connection refused") == 2, log
 
@@ -153,13 +158,6 @@ def test_connect_timeout_closes_the_client(testbed):
         "}\n"))
     client = start_proxy(host, "-m", "client", "-p", str(CLIENT), "-r", "127.0.0.1:9",
                          "--connect-timeout", "1", port=CLIENT)
-    probe = (
-        "import socket\n"
-        f"s = socket.create_connection(('127.0.0.1', {CLIENT}), timeout=10)\n"
-        "try:\n    print(repr(s.recv(10)))\n"
-        "except ConnectionResetError:\n    print('reset')\n"
-    )
-    out = host.run([sys.executable, "-c", probe], timeout=30).stdout.strip()
-    assert out in ("b''", "reset")
+    assert_closed_without_data(host)
     log = stop_cleanly(client)
     assert "upstream 127.0.0.1:9 failed: timed out" in log, log
