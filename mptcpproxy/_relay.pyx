@@ -29,8 +29,9 @@ cdef enum:
 
 cdef struct Side:
     int fd
-    int readable  # edge-triggered: set by an event, cleared by EAGAIN
+    int readable  # edge-triggered: set by an event, cleared by EAGAIN or a short read
     int writable
+    int rdhup  # the peer's FIN (or an error) was signalled: read on until EOF
     Pair *pair
 
 
@@ -264,6 +265,11 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
                 hf.len = n - s
                 dst.writable = 0
                 return 0
+            if <size_t>n < w.bufsize and not src.rdhup:
+                # A short read emptied the socket (TCP, MPTCP and AF_UNIX all copy all
+                # they hold): new bytes bring a new edge, so skip the recv that would
+                # only say EAGAIN. Once a FIN is signalled, read on until the EOF.
+                src.readable = 0
         elif n == 0:
             # EOF: nothing is pending (see above), so half-close the destination now.
             sample_mptcp(p)
@@ -379,6 +385,8 @@ cdef int worker_step(WorkerState *w) noexcept nogil:
             ev = events[i].events
             if ev & (c.EPOLLIN | c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
                 s.readable = 1
+            if ev & (c.EPOLLRDHUP | c.EPOLLHUP | c.EPOLLERR):
+                s.rdhup = 1
             if ev & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
                 s.writable = 1
             if ev & c.EPOLLERR:

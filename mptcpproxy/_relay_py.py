@@ -19,12 +19,13 @@ SOL_MPTCP, MPTCP_INFO, TCP_IS_MPTCP = 284, 1, 43
 _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_RDHUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class _Pair:
     __slots__ = (
-        "socks", "readable", "writable", "pending", "nbytes", "done", "conn_id",
+        "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
         "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
     )
 
@@ -32,6 +33,7 @@ class _Pair:
         self.socks = [socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)]
         self.readable = [False, False]
         self.writable = [False, False]
+        self.rdhup = [False, False]  # FIN (or an error) signalled: read on until EOF
         self.pending = [b"", b""]  # per half: bytes the destination would not take
         self.nbytes = [0, 0]
         self.done = [False, False]
@@ -113,6 +115,8 @@ class _Worker:
                     continue
                 if ev & _READABLE:
                     pair.readable[i] = True
+                if ev & _RDHUP:
+                    pair.rdhup[i] = True
                 if ev & _WRITABLE:
                     pair.writable[i] = True
                 if ev & select.EPOLLERR:
@@ -235,6 +239,8 @@ class _Worker:
                 pair.pending[h] = data[sent:]
                 pair.writable[d] = False
                 return True
+            if len(data) < self.bufsize and not pair.rdhup[h]:
+                pair.readable[h] = False  # a short read emptied the socket (see _relay.pyx)
         return True
 
     def _fail(self, pair: _Pair, err: int) -> bool:
