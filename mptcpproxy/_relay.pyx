@@ -9,7 +9,6 @@ from mptcpproxy cimport _sys as c
 
 import os
 import threading
-from collections import deque
 
 from mptcpproxy._results import REASONS, Result, WorkerStats
 
@@ -89,9 +88,15 @@ cdef struct WorkerState:
     size_t bufsize
     char **pool
     int npool
+    # Finished pairs wait here for collect(), which swaps `done` with `spare` under
+    # out_lock: the worker never needs the GIL to report.
+    c.pthread_mutex_t out_lock
     Done *done
     int ndone
     int done_cap
+    Done *spare
+    int spare_cap
+    int notify_pending
     int64_t now
     int64_t idle_ns
     int64_t next_scan
@@ -176,10 +181,13 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     p.next = w.graveyard
     w.graveyard = p
     w.finished += 1
+    c.pthread_mutex_lock(&w.out_lock)
     if w.ndone == w.done_cap:
         d = <Done *>malloc(2 * w.done_cap * sizeof(Done))
         if d == NULL:
-            return  # the pair is closed; only its report is lost under memory exhaustion
+            # The pair is closed; only its report is lost under memory exhaustion.
+            c.pthread_mutex_unlock(&w.out_lock)
+            return
         memcpy(d, w.done, w.ndone * sizeof(Done))
         free(w.done)
         w.done = d
@@ -194,6 +202,8 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     d.err = err
     d.is_mptcp = p.is_mptcp
     d.subflows = p.subflows
+    c.pthread_mutex_unlock(&w.out_lock)
+    w.notify_pending = 1
 
 
 cdef inline void fail(WorkerState *w, Pair *p, int err) noexcept nogil:
@@ -348,9 +358,10 @@ cdef void scan(WorkerState *w) noexcept nogil:
     w.next_scan = w.now + (NS // 4 if w.idle_ns > 0 else NS)
 
 
-cdef int worker_step(WorkerState *w) noexcept nogil:
-    # Runs until finished pairs wait to be reported (returns 0), the worker was told to
-    # stop (1), or epoll_wait failed (-1, fatal_errno set).
+cdef int worker_loop(WorkerState *w) noexcept nogil:
+    # Runs until the worker is told to stop (returns 1) or epoll_wait fails (-1,
+    # fatal_errno set); all of it without the GIL.
+    cdef uint64_t one = 1
     cdef c.epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout
     cdef Side *s
@@ -372,6 +383,7 @@ cdef int worker_step(WorkerState *w) noexcept nogil:
                 continue
             w.fatal_errno = c.errno
             abort_all(w)
+            c.write(w.notifyfd, &one, sizeof(one))
             return -1
         w.now = now_ns()
         for i in range(n):
@@ -419,27 +431,27 @@ cdef int worker_step(WorkerState *w) noexcept nogil:
                 w.graveyard = p.next
                 free(p)
             return 1
-        if w.ndone > 0:
-            return 0
+        if w.notify_pending:
+            w.notify_pending = 0
+            c.write(w.notifyfd, &one, sizeof(one))  # once per batch, not per pair
 
 
 @cython.final
 cdef class _Worker:
     cdef WorkerState w
-    cdef object results  # the relay's deque
     cdef object thread
 
     def __cinit__(self):
         self.w.epfd = -1
         self.w.wakefd = -1
 
-    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd, results):
+    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd):
         cdef c.epoll_event ev
-        self.results = results
         self.w.notifyfd = notifyfd
         self.w.bufsize = bufsize
         self.w.idle_ns = <int64_t>(idle_timeout * NS)
         c.pthread_mutex_init(&self.w.lock, NULL)
+        c.pthread_mutex_init(&self.w.out_lock, NULL)
         self.w.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
         if self.w.epfd < 0:
             raise OSError(c.errno, os.strerror(c.errno))
@@ -452,9 +464,11 @@ cdef class _Worker:
             raise OSError(c.errno, os.strerror(c.errno))
         self.w.scratch = <char *>malloc(bufsize)
         self.w.pool = <char **>calloc(POOL_KEEP, sizeof(char *))
-        self.w.done_cap = 64
+        self.w.done_cap = self.w.spare_cap = 64
         self.w.done = <Done *>malloc(self.w.done_cap * sizeof(Done))
-        if self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL:
+        self.w.spare = <Done *>malloc(self.w.spare_cap * sizeof(Done))
+        if (self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL
+                or self.w.spare == NULL):
             raise MemoryError()
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay", daemon=True)
         self.thread.start()
@@ -463,24 +477,29 @@ cdef class _Worker:
         raise TypeError("a relay worker holds fds and cannot be pickled")
 
     def _run(self):
-        cdef int rc = 0
-        cdef int i
-        cdef Done *d
-        cdef uint64_t one = 1
-        while rc == 0:
-            with nogil:
-                rc = worker_step(&self.w)
-            for i in range(self.w.ndone):
-                d = &self.w.done[i]
-                self.results.append(Result(
-                    d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
-                    REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows,
-                ))
-            if self.w.ndone:
-                self.w.ndone = 0
-                c.write(self.w.notifyfd, &one, sizeof(one))
+        cdef int rc
+        with nogil:
+            rc = worker_loop(&self.w)
         if rc < 0:
             raise OSError(self.w.fatal_errno, os.strerror(self.w.fatal_errno))
+
+    cdef void take(self, list out):
+        # Swap the outbox with the empty spare under the lock, then build the Results
+        # from the taken one while the worker goes on filling the other.
+        cdef Done *taken
+        cdef int n, cap, i
+        cdef Done *d
+        c.pthread_mutex_lock(&self.w.out_lock)
+        taken, n, cap = self.w.done, self.w.ndone, self.w.done_cap
+        self.w.done, self.w.ndone, self.w.done_cap = self.w.spare, 0, self.w.spare_cap
+        c.pthread_mutex_unlock(&self.w.out_lock)
+        for i in range(n):
+            d = &taken[i]
+            out.append(Result(
+                d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
+                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows,
+            ))
+        self.w.spare, self.w.spare_cap = taken, cap
 
     cdef void push(self, Pair *p) noexcept:
         cdef uint64_t one = 1
@@ -518,7 +537,9 @@ cdef class _Worker:
         free(self.w.pool)
         free(self.w.scratch)
         free(self.w.done)
+        free(self.w.spare)
         c.pthread_mutex_destroy(&self.w.lock)
+        c.pthread_mutex_destroy(&self.w.out_lock)
 
 
 @cython.final
@@ -526,7 +547,7 @@ cdef class Relay:
     """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
 
     cdef list _workers
-    cdef object _results
+    cdef list _results  # taken from the workers when they stopped
     cdef int _notifyfd
     cdef bint _closed
 
@@ -538,13 +559,13 @@ cdef class Relay:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
-        self._results = deque()
+        self._results = []
         self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
         if self._notifyfd < 0:
             raise OSError(c.errno, os.strerror(c.errno))
         self._workers = []
         for _ in range(workers):
-            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd, self._results))
+            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd))
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")
@@ -582,11 +603,12 @@ cdef class Relay:
 
     def collect(self):
         cdef uint64_t junk
+        cdef _Worker w
         if self._notifyfd >= 0:
             c.read(self._notifyfd, &junk, sizeof(junk))
-        out = []
-        while self._results:
-            out.append(self._results.popleft())
+        out, self._results = self._results, []
+        for w in self._workers:
+            w.take(out)
         return out
 
     def stats(self):
@@ -598,6 +620,7 @@ cdef class Relay:
         self._closed = True
         for w in self._workers:
             (<_Worker>w).stop()
+            (<_Worker>w).take(self._results)
         self._workers = []
         if self._notifyfd >= 0:
             c.close(self._notifyfd)
