@@ -1,13 +1,15 @@
 # The relay engine: one epoll per worker thread, edge-triggered, recv/send on raw fds,
 # the whole loop inside `with nogil`. See DESIGN.md "The relay, precisely".
 cimport cython
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from mptcpproxy cimport _sys as c
 
 import os
+import socket
+import struct
 import threading
 
 from mptcpproxy._results import REASONS, Result, WorkerStats
@@ -18,12 +20,15 @@ cdef enum:
     R_TIMEOUT = 2
     R_ERROR = 3
     R_ABORTED = 4
+    R_FAILED = 5  # the upstream could not be reached (accepted by the worker itself)
+    R_ACCEPT_ERROR = 6  # not a pair: accept() failed for want of fds or memory
 
 cdef enum:
     MAX_EVENTS = 256
     READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others
     POOL_KEEP = 64  # spare pending buffers a worker keeps
     NS = 1000000000
+    ACCEPT_BATCH = 64  # accepts per wake-up, so open pairs get their turn in between
 
 
 cdef struct Side:
@@ -58,6 +63,10 @@ cdef struct Pair:
     int err
     int dead
     int queued  # on the worker's ready list
+    int connecting  # accepted by the worker, upstream connect() under way
+    int client_family  # set for pairs the worker accepted itself
+    uint16_t client_port
+    uint8_t client_addr[16]
     Pair *prev
     Pair *next  # the worker's list of open pairs, or the incoming / graveyard chain
     Pair *ready_next
@@ -72,6 +81,9 @@ cdef struct Done:
     int err
     int is_mptcp
     int subflows
+    int client_family
+    uint16_t client_port
+    uint8_t client_addr[16]
 
 
 cdef struct WorkerState:
@@ -104,6 +116,20 @@ cdef struct WorkerState:
     uint64_t finished  # written by the worker only
     uint64_t nbytes
     int fatal_errno
+    # accept + connect in the worker (Relay.listen): the fast path for a fixed upstream
+    int listenfd
+    int want_listen  # written by the control thread
+    int listening  # written by the worker: the listener is in its epoll set
+    int64_t resume_ns  # accepting paused (out of fds) until then
+    c.sockaddr_storage up_addr
+    c.socklen_t up_len
+    int up_family
+    int up_proto
+    int up_mptcp_side
+    unsigned int mark
+    int64_t connect_ns
+    uint64_t accepted
+    uint64_t accept_errors
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -167,7 +193,8 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
         set_rst(p.side[0].fd)
         set_rst(p.side[1].fd)
     for i in range(2):
-        c.close(p.side[i].fd)
+        if p.side[i].fd >= 0:
+            c.close(p.side[i].fd)
         pool_put(w, p.half[i].buf)
         p.half[i].buf = NULL
     p.dead = 1
@@ -181,29 +208,42 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     p.next = w.graveyard
     w.graveyard = p
     w.finished += 1
+    d = put_done(w, reason, err)
+    if d == NULL:
+        return  # the pair is closed; only its report is lost under memory exhaustion
+    d.conn_id = p.conn_id
+    d.bytes_ab = p.half[0].nbytes
+    d.bytes_ba = p.half[1].nbytes
+    d.duration_ns = now_ns() - p.start_ns
+    d.is_mptcp = p.is_mptcp
+    d.subflows = p.subflows
+    d.client_family = p.client_family
+    d.client_port = p.client_port
+    memcpy(d.client_addr, p.client_addr, 16)
+    c.pthread_mutex_unlock(&w.out_lock)
+
+
+cdef Done *put_done(WorkerState *w, int reason, int err) noexcept nogil:
+    # A zeroed report in the outbox, returned with out_lock held (NULL, unlocked, when
+    # memory is exhausted).
+    cdef Done *d
     c.pthread_mutex_lock(&w.out_lock)
     if w.ndone == w.done_cap:
         d = <Done *>malloc(2 * w.done_cap * sizeof(Done))
         if d == NULL:
-            # The pair is closed; only its report is lost under memory exhaustion.
             c.pthread_mutex_unlock(&w.out_lock)
-            return
+            return NULL
         memcpy(d, w.done, w.ndone * sizeof(Done))
         free(w.done)
         w.done = d
         w.done_cap *= 2
     d = &w.done[w.ndone]
     w.ndone += 1
-    d.conn_id = p.conn_id
-    d.bytes_ab = p.half[0].nbytes
-    d.bytes_ba = p.half[1].nbytes
-    d.duration_ns = now_ns() - p.start_ns
+    memset(d, 0, sizeof(Done))
     d.reason = reason
     d.err = err
-    d.is_mptcp = p.is_mptcp
-    d.subflows = p.subflows
-    c.pthread_mutex_unlock(&w.out_lock)
     w.notify_pending = 1
+    return d
 
 
 cdef inline void fail(WorkerState *w, Pair *p, int err) noexcept nogil:
@@ -305,8 +345,6 @@ cdef void pump(WorkerState *w, Pair *p) noexcept nogil:
 cdef void take_incoming(WorkerState *w) noexcept nogil:
     cdef Pair *p
     cdef Pair *nxt
-    cdef c.epoll_event ev
-    cdef int i, err
     cdef uint64_t junk
     c.read(w.wakefd, &junk, sizeof(junk))
     c.pthread_mutex_lock(&w.lock)
@@ -320,26 +358,33 @@ cdef void take_incoming(WorkerState *w) noexcept nogil:
         if w.pairs != NULL:
             w.pairs.prev = p
         w.pairs = p
-        p.last_ns = w.now
-        err = 0
-        for i in range(2):
-            # Registered once, never modified: edge-triggered readiness is kept in Side.
-            ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
-            ev.data.ptr = &p.side[i]
-            if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, p.side[i].fd, &ev) != 0:
-                err = c.errno
-        if err:
-            finish(w, p, R_ERROR, err)
-        else:
+        if register(w, p) == 0:
             sample_mptcp(p)
-            p.sampled_ns = w.now
         p = nxt
+    sync_listener(w)
+
+
+cdef int register(WorkerState *w, Pair *p) noexcept nogil:
+    # Into the epoll set, once, never modified: edge-triggered readiness is kept in Side.
+    # The pair is already on w.pairs; on failure it is finished (returns -1).
+    cdef c.epoll_event ev
+    cdef int i
+    p.last_ns = p.sampled_ns = w.now
+    for i in range(2):
+        ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
+        ev.data.ptr = &p.side[i]
+        if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, p.side[i].fd, &ev) != 0:
+            finish(w, p, R_ERROR, c.errno)
+            return -1
+    return 0
 
 
 cdef void abort_all(WorkerState *w) noexcept nogil:
     take_incoming(w)
     while w.pairs != NULL:
         finish(w, w.pairs, R_ABORTED, 0)
+    w.want_listen = 0
+    sync_listener(w)
 
 
 cdef void scan(WorkerState *w) noexcept nogil:
@@ -349,13 +394,16 @@ cdef void scan(WorkerState *w) noexcept nogil:
     cdef Pair *nxt
     while p != NULL:
         nxt = p.next
-        if w.idle_ns > 0 and w.now - p.last_ns >= w.idle_ns:
+        if p.connecting:
+            if w.now - p.start_ns >= w.connect_ns:
+                finish(w, p, R_FAILED, c.ETIMEDOUT)
+        elif w.idle_ns > 0 and w.now - p.last_ns >= w.idle_ns:
             finish(w, p, R_TIMEOUT, 0)
         elif p.mptcp_side >= 0 and p.last_ns > p.sampled_ns and w.now - p.sampled_ns >= NS:
             sample_mptcp(p)
             p.sampled_ns = w.now
         p = nxt
-    w.next_scan = w.now + (NS // 4 if w.idle_ns > 0 else NS)
+    w.next_scan = w.now + NS // 4
 
 
 cdef int worker_loop(WorkerState *w) noexcept nogil:
@@ -373,8 +421,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
     while True:
         if w.ready != NULL:
             timeout = 0
-        elif w.pairs != NULL:
-            timeout = 250 if w.idle_ns > 0 else 1000
+        elif w.pairs != NULL or (w.want_listen and not w.listening):
+            timeout = 250
         else:
             timeout = -1
         n = c.epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
@@ -390,6 +438,9 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             if events[i].data.ptr == NULL:
                 take_incoming(w)
                 continue
+            if events[i].data.ptr == <void *>w:
+                accept_some(w)
+                continue
             s = <Side *>events[i].data.ptr
             p = s.pair
             if p.dead:
@@ -401,6 +452,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
                 s.rdhup = 1
             if ev & (c.EPOLLOUT | c.EPOLLHUP | c.EPOLLERR):
                 s.writable = 1
+            if p.connecting and connect_pending(w, p, s, ev):
+                continue  # the flags above are kept for when the upstream is there
             if ev & c.EPOLLERR:
                 soerr = 0
                 slen = sizeof(soerr)
@@ -418,8 +471,10 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             q.queued = 0
             if not q.dead:
                 pump(w, q)
-        if w.pairs != NULL and w.now >= w.next_scan:
-            scan(w)
+        if w.now >= w.next_scan:
+            if w.pairs != NULL:
+                scan(w)
+            sync_listener(w)
         while w.graveyard != NULL:
             p = w.graveyard
             w.graveyard = p.next
@@ -436,6 +491,9 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             c.write(w.notifyfd, &one, sizeof(one))  # once per batch, not per pair
 
 
+include "_accept.pxi"
+
+
 @cython.final
 cdef class _Worker:
     cdef WorkerState w
@@ -444,6 +502,7 @@ cdef class _Worker:
     def __cinit__(self):
         self.w.epfd = -1
         self.w.wakefd = -1
+        self.w.listenfd = -1
 
     def __init__(self, size_t bufsize, double idle_timeout, int notifyfd):
         cdef c.epoll_event ev
@@ -495,9 +554,14 @@ cdef class _Worker:
         c.pthread_mutex_unlock(&self.w.out_lock)
         for i in range(n):
             d = &taken[i]
+            client = None
+            if d.client_family == c.AF_INET:
+                client = (socket.inet_ntop(socket.AF_INET, d.client_addr[:4]), d.client_port)
+            elif d.client_family == c.AF_INET6:
+                client = (socket.inet_ntop(socket.AF_INET6, d.client_addr[:16]), d.client_port)
             out.append(Result(
                 d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
-                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows,
+                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client,
             ))
         self.w.spare, self.w.spare_cap = taken, cap
 
@@ -520,7 +584,26 @@ cdef class _Worker:
         self.thread.join()
 
     def stats(self):
-        return WorkerStats(self.active, self.w.total, self.w.nbytes)
+        return WorkerStats(
+            self.active, self.w.total, self.w.nbytes, self.w.accepted, self.w.accept_errors
+        )
+
+    cdef void set_listen(self, int fd, bytes sockaddr, int family, int proto, int mptcp_side,
+                         unsigned int mark, double connect_timeout):
+        cdef uint64_t one = 1
+        memcpy(&self.w.up_addr, <char *>sockaddr, len(sockaddr))
+        self.w.up_len = len(sockaddr)
+        self.w.up_family, self.w.up_proto, self.w.up_mptcp_side = family, proto, mptcp_side
+        self.w.mark = mark
+        self.w.connect_ns = <int64_t>(connect_timeout * NS)
+        self.w.listenfd = fd
+        self.w.want_listen = 1  # the eventfd write below orders the stores before it
+        c.write(self.w.wakefd, &one, sizeof(one))
+
+    cdef void set_unlisten(self):
+        cdef uint64_t one = 1
+        self.w.want_listen = 0
+        c.write(self.w.wakefd, &one, sizeof(one))
 
     @property
     def active(self):
@@ -601,6 +684,27 @@ cdef class Relay:
         p.start_ns = now_ns()
         best.push(p)
 
+    def new_id(self):
+        return new_conn_id()
+
+    def listen(self, int fd, int family, tuple sockaddr, bint mptcp, int mptcp_side=-1,
+               unsigned int mark=0, double connect_timeout=10.0):
+        cdef _Worker w
+        raw = _sockaddr_bytes(family, sockaddr)
+        for w in self._workers:
+            w.set_listen(fd, raw, family, 262 if mptcp else 0, mptcp_side, mark,
+                         connect_timeout)
+
+    def unlisten(self):
+        cdef _Worker w
+        for w in self._workers:
+            w.set_unlisten()
+
+    @property
+    def listening(self):
+        cdef _Worker w
+        return any([w.w.listening for w in self._workers])
+
     def collect(self):
         cdef uint64_t junk
         cdef _Worker w
@@ -634,3 +738,12 @@ cdef class Relay:
         if not self._closed and self._workers is not None:
             for w in self._workers:
                 w.signal_stop()
+
+
+def _sockaddr_bytes(int family, tuple sockaddr):
+    # struct sockaddr_in / sockaddr_in6, as connect() takes it.
+    cdef bytes port = struct.pack("!H", sockaddr[1])
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + port + socket.inet_pton(family, sockaddr[0]) + bytes(8)
+    return (struct.pack("=H", family) + port + bytes(4) + socket.inet_pton(family, sockaddr[0])
+            + struct.pack("=I", sockaddr[3] if len(sockaddr) > 3 else 0))

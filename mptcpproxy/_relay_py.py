@@ -4,6 +4,7 @@ extension is absent and as the test oracle. Keep the two in step."""
 from __future__ import annotations
 
 import errno as E
+import itertools
 import os
 import select
 import socket
@@ -12,9 +13,22 @@ import threading
 import time
 from collections import deque
 
-from mptcpproxy._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
+from mptcpproxy._results import (
+    ABORTED,
+    ACCEPT_ERROR,
+    CLOSED,
+    ERROR,
+    FAILED,
+    RESET,
+    TIMEOUT,
+    Result,
+    WorkerStats,
+)
 
 READ_BUDGET = 16
+ACCEPT_BATCH = 64
+_OUT_OF_RESOURCES = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
+_ids = itertools.count(1)  # connection ids, shared by every relay (next() holds the GIL)
 SOL_MPTCP, MPTCP_INFO, TCP_IS_MPTCP = 284, 1, 43
 _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -27,10 +41,14 @@ class _Pair:
     __slots__ = (
         "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
         "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
+        "connecting", "client",
     )
 
-    def __init__(self, fd_a: int, fd_b: int, conn_id: int, mptcp_side: int) -> None:
-        self.socks = [socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)]
+    def __init__(self, socks: list, conn_id: int, mptcp_side: int,
+                 client: tuple | None = None) -> None:
+        self.socks = socks  # [a, b]; b is None until an accepted pair's upstream exists
+        self.connecting = False  # accepted by the worker, upstream connect() under way
+        self.client = client
         self.readable = [False, False]
         self.writable = [False, False]
         self.rdhup = [False, False]  # FIN (or an error) signalled: read on until EOF
@@ -74,6 +92,11 @@ class _Worker:
         self.pairs: dict[int, tuple[_Pair, int]] = {}  # fd -> (pair, side)
         self.ready: list[_Pair] = []
         self.total = self.finished = self.nbytes = 0
+        self.accepted = self.accept_errors = 0
+        self.listener: socket.socket | None = None  # Relay.listen: accept here too
+        self.want_listen = self.listening = False
+        self.resume_at = 0.0
+        self.upstream: tuple = ()  # (family, sockaddr, proto, mptcp_side, mark, timeout)
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay-py", daemon=True)
         self.thread.start()
@@ -100,12 +123,16 @@ class _Worker:
     def _run(self) -> None:
         next_scan = 0.0
         while True:
-            timeout = 0 if self.ready else -1 if not self.pairs else 0.25 if self.idle > 0 else 1.0
+            busy = self.pairs or (self.want_listen and not self.listening)
+            timeout = 0 if self.ready else 0.25 if busy else -1
             events = self.ep.poll(timeout)
             now = time.monotonic()
             for fd, ev in events:
                 if fd == self.wake_fd:
                     self._take_incoming(now)
+                    continue
+                if self.listener is not None and fd == self.listener.fileno():
+                    self._accept_some(now)
                     continue
                 entry = self.pairs.get(fd)
                 if entry is None:
@@ -119,6 +146,8 @@ class _Worker:
                     pair.rdhup[i] = True
                 if ev & _WRITABLE:
                     pair.writable[i] = True
+                if pair.connecting and self._connect_pending(pair, i, ev):
+                    continue
                 if ev & select.EPOLLERR:
                     err = pair.socks[i].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
@@ -130,13 +159,16 @@ class _Worker:
                 pair.queued = False
                 if not pair.dead:
                     self._pump(pair, now)
-            if self.pairs and now >= next_scan:
+            if now >= next_scan:
                 self._scan(now)
-                next_scan = now + (0.25 if self.idle > 0 else 1.0)
+                self._sync_listener(now)
+                next_scan = now + 0.25
             if self.stopping:
                 self._take_incoming(now)
                 for pair, _ in list(self.pairs.values()):
                     self._finish(pair, ABORTED, 0)
+                self.want_listen = False
+                self._sync_listener(now)
                 return
 
     def _scan(self, now: float) -> None:
@@ -145,7 +177,10 @@ class _Worker:
         for pair, i in list(self.pairs.values()):
             if i == 1 or pair.dead:
                 continue
-            if self.idle > 0 and now - pair.last >= self.idle:
+            if pair.connecting:
+                if now - pair.start >= self.upstream[5]:
+                    self._finish(pair, FAILED, E.ETIMEDOUT)
+            elif self.idle > 0 and now - pair.last >= self.idle:
                 self._finish(pair, TIMEOUT, 0)
             elif pair.mptcp_side >= 0 and pair.last > pair.sampled and now - pair.sampled >= 1:
                 pair.sample_mptcp()
@@ -159,17 +194,89 @@ class _Worker:
         with self.lock:
             incoming, self.incoming = self.incoming, []
         for pair in incoming:
-            pair.last = now
-            for i, sock in enumerate(pair.socks):
-                self.pairs[sock.fileno()] = (pair, i)
+            if self._register(pair, now):
+                pair.sample_mptcp()
+        self._sync_listener(now)
+
+    def _register(self, pair: _Pair, now: float) -> bool:
+        pair.last = pair.sampled = now
+        for i, sock in enumerate(pair.socks):
+            self.pairs[sock.fileno()] = (pair, i)
+        try:
+            for sock in pair.socks:
+                self.ep.register(sock.fileno(), _ET_MASK)
+        except OSError as exc:
+            self._finish(pair, ERROR, exc.errno or 0)
+            return False
+        return True
+
+    # -- accept + connect in the worker (Relay.listen) -------------------------------------
+
+    def _sync_listener(self, now: float) -> None:
+        if self.listener is None:
+            return
+        if self.want_listen and not self.listening and now >= self.resume_at:
+            self.ep.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            self.listening = True
+        elif self.listening and (not self.want_listen or now < self.resume_at):
+            self.ep.unregister(self.listener.fileno())
+            self.listening = False
+
+    def _accept_some(self, now: float) -> None:
+        family, sockaddr, proto, mptcp_side, mark, _ = self.upstream
+        for _ in range(ACCEPT_BATCH):
             try:
-                for sock in pair.socks:
-                    self.ep.register(sock.fileno(), _ET_MASK)
+                client, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
-                self._finish(pair, ERROR, exc.errno or 0)
+                if exc.errno in _OUT_OF_RESOURCES:  # leave the listener alone for 100 ms
+                    self.accept_errors += 1
+                    self.resume_at = now + 0.1
+                    self._sync_listener(now)
+                    self._report(Result(0, 0, 0, 0.0, ACCEPT_ERROR, exc.errno, False, 0))
+                    return
+                continue  # ECONNABORTED and the like: that client is gone already
+            self.accepted += 1
+            client.setblocking(False)
+            pair = _Pair([client, None], next(_ids), mptcp_side, addr[:2])
+            with self.lock:
+                self.total += 1
+            try:
+                up = socket.socket(family, socket.SOCK_STREAM, proto)
+            except OSError as exc:
+                self._finish(pair, FAILED, exc.errno or 0)
                 continue
-            pair.sample_mptcp()
-            pair.sampled = now
+            pair.socks[1] = up
+            up.setblocking(False)
+            if mark:
+                up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            err = up.connect_ex(sockaddr)
+            if err not in (0, E.EINPROGRESS):
+                self._finish(pair, FAILED, err)
+                continue
+            pair.connecting = True  # even when done already: EPOLLOUT follows at once
+            self._register(pair, now)
+
+    def _connect_pending(self, pair: _Pair, i: int, ev: int) -> bool:
+        # True while nothing may move yet (the client's readiness is kept for later).
+        if i == 0:
+            if ev & select.EPOLLERR:
+                err = pair.socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._fail(pair, err)  # the client gave up while we were connecting
+            return True
+        if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+            return True
+        err = pair.socks[1].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._finish(pair, FAILED, err)
+            return True
+        pair.connecting = False
+        for sock in pair.socks:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pair.sample_mptcp()
+        return False
 
     def _pump(self, pair: _Pair, now: float) -> None:
         if self._pump_half(pair, 0, now) and self._pump_half(pair, 1, now):
@@ -252,6 +359,8 @@ class _Worker:
             return
         pair.sample_mptcp()
         for sock in pair.socks:
+            if sock is None:
+                continue
             self.pairs.pop(sock.fileno(), None)
             if reason in (RESET, ERROR, ABORTED):
                 try:
@@ -262,10 +371,13 @@ class _Worker:
         pair.dead = True
         pair.pending = [b"", b""]
         self.finished += 1
-        self.results.append(Result(
+        self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
-            reason, err, pair.is_mptcp, pair.subflows,
+            reason, err, pair.is_mptcp, pair.subflows, pair.client,
         ))
+
+    def _report(self, result: Result) -> None:
+        self.results.append(result)
         os.eventfd_write(self.notify_fd, 1)
 
 
@@ -284,6 +396,7 @@ class Relay:
             for _ in range(workers)
         ]
         self._closed = False
+        self._listener: socket.socket | None = None
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")
@@ -303,7 +416,29 @@ class Relay:
             raise ValueError("two distinct open fds are needed")
         side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         worker = min(self._workers, key=lambda w: w.active)
-        worker.push(_Pair(fd_a, fd_b, conn_id, side))
+        worker.push(_Pair([socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)], conn_id, side))
+
+    def new_id(self) -> int:
+        return next(_ids)
+
+    def listen(self, fd: int, family: int, sockaddr: tuple, mptcp: bool, mptcp_side: int = -1,
+               mark: int = 0, connect_timeout: float = 10.0) -> None:
+        self._listener = socket.socket(fileno=fd)  # the caller's fd: detached, never closed
+        for w in self._workers:
+            w.upstream = (family, sockaddr, 262 if mptcp else 0, mptcp_side, mark,
+                          connect_timeout)
+            w.listener = self._listener
+            w.want_listen = True
+            os.eventfd_write(w.wake_fd, 1)
+
+    def unlisten(self) -> None:
+        for w in self._workers:
+            w.want_listen = False
+            os.eventfd_write(w.wake_fd, 1)
+
+    @property
+    def listening(self) -> bool:
+        return any(w.listening for w in self._workers)
 
     def collect(self) -> list[Result]:
         if self._notify_fd >= 0:
@@ -317,7 +452,8 @@ class Relay:
         return out
 
     def stats(self) -> list[WorkerStats]:
-        return [WorkerStats(w.active, w.total, w.nbytes) for w in self._workers]
+        return [WorkerStats(w.active, w.total, w.nbytes, w.accepted, w.accept_errors)
+                for w in self._workers]
 
     def close(self) -> None:
         if self._closed:
@@ -326,6 +462,8 @@ class Relay:
         for w in self._workers:
             w.stop()
         self._workers = []
+        if self._listener is not None:
+            self._listener.detach()
         os.close(self._notify_fd)
         self._notify_fd = -1
 

@@ -10,7 +10,9 @@ RESET = "reset"  # a peer reset the connection; the reset was passed on to the o
 TIMEOUT = "timeout"  # no byte moved either way for idle_timeout seconds
 ERROR = "error"  # another socket error (Result.errno says which)
 ABORTED = "aborted"  # the relay was closed while the pair was open
-REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED)
+FAILED = "failed"  # Relay.listen: the upstream could not be reached (errno says why)
+ACCEPT_ERROR = "accept_error"  # Relay.listen: not a pair, accept() failed (errno)
+REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED, FAILED, ACCEPT_ERROR)
 
 
 class Result(NamedTuple):
@@ -24,9 +26,12 @@ class Result(NamedTuple):
     errno: int  # 0 unless reason is RESET or ERROR
     is_mptcp: bool  # the watched fd (mptcp_fd) really ran MPTCP (TCP_IS_MPTCP)
     subflows: int  # most subflows seen on it, the first included (0 when not MPTCP)
+    client: tuple | None = None  # (host, port) of a client the relay accepted itself
 
 
 class WorkerStats(NamedTuple):
     active: int  # pairs open now
     pairs: int  # pairs handed to this worker since start
     bytes: int  # bytes relayed by this worker since start
+    accepted: int = 0  # connections this worker accepted itself (Relay.listen)
+    accept_errors: int = 0  # accept() failures for want of fds or memory

@@ -1,6 +1,6 @@
 # C declarations the relay uses, and only those.
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<errno.h>" nogil:
@@ -10,6 +10,12 @@ cdef extern from "<errno.h>" nogil:
         EINTR
         ECONNRESET
         EPIPE
+        EINPROGRESS
+        ETIMEDOUT
+        EMFILE
+        ENFILE
+        ENOBUFS
+        ENOMEM
     # EWOULDBLOCK == EAGAIN on Linux: declared as int so Cython emits no duplicate case.
     int EWOULDBLOCK
 
@@ -30,9 +36,23 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_ERROR
         SO_LINGER
+        SO_MARK
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        AF_INET
+        AF_INET6
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct sockaddr_storage:
+        sa_family_t ss_family
     struct linger:
         int l_onoff
         int l_linger
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
@@ -43,6 +63,22 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        uint16_t sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        uint16_t sin6_port
+        in6_addr sin6_addr
+    uint16_t ntohs(uint16_t n)
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -53,6 +89,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLHUP
         EPOLLRDHUP
         EPOLLET
+        EPOLLEXCLUSIVE
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
@@ -74,6 +111,13 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_NONBLOCK
         EFD_CLOEXEC
     int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from * nogil:
+    # GCC/Clang builtin: the connection-id counter shared by all threads.
+    uint64_t __atomic_fetch_add(uint64_t *ptr, uint64_t val, int memorder)
+    enum:
+        __ATOMIC_RELAXED
 
 
 cdef extern from "<time.h>" nogil:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import logging
 import os
 import signal
@@ -15,9 +14,9 @@ import time
 
 from mptcpproxy import origdst, sockets
 from mptcpproxy.config import Config, HostPort
-from mptcpproxy.connect import Attempt, resolve
+from mptcpproxy.connect import Attempt, literal, resolve
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
-from mptcpproxy.relay import ENGINE, Relay, Result
+from mptcpproxy.relay import ACCEPT_ERROR, ENGINE, FAILED, Relay, Result
 from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")
@@ -55,7 +54,7 @@ class Proxy:
         self.listener: socket.socket | None = None
         self.conns: dict[int, _Conn] = {}
         self.connecting: set[Attempt] = set()
-        self.ids = itertools.count(1)
+        self.fast = False  # the relay workers accept and connect themselves
         self.stopping: asyncio.Event | None = None
         self._last_warning: dict[str, float] = {}
         self.metrics = Metrics(
@@ -101,7 +100,17 @@ class Proxy:
                                    f"{os.strerror(exc.errno or 0).lower()}") from None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.relay.notify_fd, self._on_results)
-        loop.add_reader(self.listener.fileno(), self._on_accept)
+        # A fixed upstream address needs no decision per connection: the relay workers
+        # accept and connect themselves, no Python runs until the connection's end.
+        self.fast = (self.transparent is None and cfg.remote.is_literal
+                     and not cfg.max_connections)
+        if self.fast:
+            family, sockaddr = literal(cfg.remote)
+            mptcp_side = -1 if cfg.disable_mptcp else 1 if cfg.upstream_mptcp else 0
+            self.relay.listen(self.listener.fileno(), family, sockaddr, cfg.upstream_mptcp,
+                              mptcp_side, cfg.mark, cfg.connect_timeout)
+        else:
+            loop.add_reader(self.listener.fileno(), self._on_accept)
         self.stopping = asyncio.Event()
         self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
         for sig in STOP_SIGNALS:
@@ -218,7 +227,7 @@ class Proxy:
         return self.transparent.target_for(client)
 
     def _begin(self, client: socket.socket, addr: tuple) -> None:
-        conn_id = next(self.ids)
+        conn_id = self.relay.new_id()
         try:
             target = self.target_for(client)
         except (origdst.Refused, OSError) as exc:  # OSError: the lookup itself failed
@@ -264,12 +273,32 @@ class Proxy:
 
     def _on_results(self) -> None:
         for result in self.relay.collect():
-            self._log_result(result)
+            if result.reason == FAILED:
+                self._log_failed(result)
+            elif result.reason == ACCEPT_ERROR:
+                self.metrics.accept_error()
+                self._warn_once("accept-fds", "cannot accept: %s; pausing accepts for 100 ms",
+                                os.strerror(result.errno))
+            else:
+                self._log_result(result)
+
+    def _log_failed(self, r: Result) -> None:
+        # A connection the relay accepted itself whose upstream could not be reached.
+        exc = TimeoutError("timed out") if r.errno == errno.ETIMEDOUT else OSError(
+            r.errno, os.strerror(r.errno))
+        self.metrics.connect_failed(connect_failure_reason(exc))
+        log.warning(
+            "conn %d from %s: upstream %s failed: %s; closing the client connection",
+            r.conn_id, sockets.peer_name(r.client), self.config.remote, _reason(exc),
+        )
 
     def _log_result(self, r: Result) -> None:
         conn = self.conns.pop(r.conn_id, None)
         if conn is None:
-            return
+            if r.client is None:
+                return
+            cfg = self.config  # accepted by the relay itself: -r is the upstream
+            conn = _Conn(r.client, literal(cfg.remote)[1], not cfg.disable_mptcp)
         self.metrics.connection_closed(r, conn.mptcp_leg)
         if not log.isEnabledFor(logging.INFO):
             return
@@ -317,7 +346,14 @@ class Proxy:
         loop = asyncio.get_running_loop()
         sd_notify("STOPPING=1")
         if self.listener is not None:
-            loop.remove_reader(self.listener.fileno())
+            if self.fast:
+                # The workers take the listener out of their epoll sets before it is closed.
+                self.relay.unlisten()
+                deadline = loop.time() + 2.0
+                while self.relay.listening and loop.time() < deadline:
+                    await asyncio.sleep(0.002)
+            else:
+                loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
         for attempt in list(self.connecting):

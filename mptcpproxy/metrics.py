@@ -16,7 +16,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
-from mptcpproxy._results import REASONS, Result, WorkerStats
+from mptcpproxy._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
+
+CLOSE_REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED)  # how a relayed connection ends
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +109,14 @@ class Metrics:
 
         family("mptcpproxy_start_time_seconds", "gauge",
                "Start time of the process since the Unix epoch.", [("", self.start_time)])
+        # Accepted by the relay workers themselves (the fast path) count live, from their stats.
+        accepted = self.accepted + sum(
+            w.accepted for w in (self.worker_stats() if self.worker_stats else []))
         family("mptcpproxy_connections_accepted_total", "counter",
-               "Connections accepted from clients.", [("", self.accepted)])
+               "Connections accepted from clients.", [("", accepted)])
         family("mptcpproxy_connections_closed_total", "counter",
                "Relayed connections that ended, by how they ended.",
-               [(_labels(reason=r), self.closed[r]) for r in _keys(REASONS, self.closed)])
+               [(_labels(reason=r), self.closed[r]) for r in _keys(CLOSE_REASONS, self.closed)])
         family("mptcpproxy_connections_rejected_total", "counter",
                "Connections closed at once because --max-connections was reached.",
                [("", self.rejected)])

@@ -9,7 +9,17 @@ from __future__ import annotations
 import logging
 import os
 
-from mptcpproxy._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
+from mptcpproxy._results import (
+    ABORTED,
+    ACCEPT_ERROR,
+    CLOSED,
+    ERROR,
+    FAILED,
+    RESET,
+    TIMEOUT,
+    Result,
+    WorkerStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,5 +38,6 @@ except ImportError as exc:
     ENGINE = "py"
 
 __all__ = [
-    "ABORTED", "CLOSED", "ENGINE", "ERROR", "RESET", "TIMEOUT", "Relay", "Result", "WorkerStats",
+    "ABORTED", "ACCEPT_ERROR", "CLOSED", "ENGINE", "ERROR", "FAILED", "RESET", "TIMEOUT", "Relay",
+    "Result", "WorkerStats",
 ]

@@ -199,10 +199,11 @@ def test_sdist_has_the_sources_and_nothing_generated(dists: tuple[Path, Path]) -
     with tarfile.open(sdist) as tf:
         names = {name.split("/", 1)[1] for name in tf.getnames() if "/" in name}
     sources = [p.relative_to(REPO).as_posix()
-               for folder, pattern in (("mptcpproxy", "*.py*"), ("mptcpproxy", "*.pxd"),
+               for folder, pattern in (("mptcpproxy", "*.py*"), ("mptcpproxy", "*.px[di]"),
                                        ("test", "*.py"), ("contrib", "*"), ("man", "*"))
                for p in (REPO / folder).glob(pattern) if p.is_file() and p.suffix != ".pyc"]
-    assert "mptcpproxy/_relay.pyx" in sources and "man/mptcp-proxy.include" in sources
+    for needed in ("mptcpproxy/_relay.pyx", "mptcpproxy/_accept.pxi", "man/mptcp-proxy.include"):
+        assert needed in sources
     for needed in [*sources, "pyproject.toml", "setup.py", "MANIFEST.in"]:
         assert needed in names, f"{needed} is not in {sdist.name}"
     generated = sorted(n for n in names if n.endswith((".so", ".html")) or n == PAGE
@@ -218,7 +219,7 @@ def test_wheel_has_the_extension_and_no_sources(dists: tuple[Path, Path]) -> Non
         metadata = zf.read(f"{info}/METADATA").decode()
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
     assert any(re.fullmatch(r"mptcpproxy/_relay\.cpython-.*\.so", n) for n in names), names
-    sources = [n for n in names if n.endswith((".c", ".pyx"))]
+    sources = [n for n in names if n.endswith((".c", ".pyx", ".pxi"))]
     assert not sources, f"{wheel.name} carries sources: {sources}"
     assert f"\nVersion: {_version()}\n" in metadata
     assert re.search(r"^Requires-Dist: uvloop", metadata, re.MULTILINE), metadata
