@@ -13,10 +13,11 @@ import socket
 import time
 
 from mptcpproxy import origdst, sockets
+from mptcpproxy._results import ACCEPT_ERROR, FAILED, Result
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.connect import Attempt, literal, resolve
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
-from mptcpproxy.relay import ACCEPT_ERROR, ENGINE, FAILED, Relay, Result
+from mptcpproxy.relay import ENGINE, Relay
 from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")

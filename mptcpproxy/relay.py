@@ -6,22 +6,7 @@ silent fallback (used by `make test` and the wheel tests).
 
 from __future__ import annotations
 
-import logging
 import os
-
-from mptcpproxy._results import (
-    ABORTED,
-    ACCEPT_ERROR,
-    CLOSED,
-    ERROR,
-    FAILED,
-    RESET,
-    TIMEOUT,
-    Result,
-    WorkerStats,
-)
-
-log = logging.getLogger(__name__)
 
 try:
     from mptcpproxy._relay import Relay
@@ -37,7 +22,4 @@ except ImportError as exc:
 
     ENGINE = "py"
 
-__all__ = [
-    "ABORTED", "ACCEPT_ERROR", "CLOSED", "ENGINE", "ERROR", "FAILED", "RESET", "TIMEOUT", "Relay",
-    "Result", "WorkerStats",
-]
+__all__ = ["ENGINE", "Relay"]
