@@ -14,123 +14,6 @@ import threading
 
 from mptcpproxy._results import REASONS, Result, WorkerStats
 
-cdef enum:
-    R_CLOSED = 0
-    R_RESET = 1
-    R_TIMEOUT = 2
-    R_ERROR = 3
-    R_ABORTED = 4
-    R_FAILED = 5  # the upstream could not be reached (accepted by the worker itself)
-    R_ACCEPT_ERROR = 6  # not a pair: accept() failed for want of fds or memory
-
-cdef enum:
-    MAX_EVENTS = 256
-    READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others
-    POOL_KEEP = 64  # spare pending buffers a worker keeps
-    NS = 1000000000
-    ACCEPT_BATCH = 64  # accepts per wake-up, so open pairs get their turn in between
-
-
-cdef struct Side:
-    int fd
-    int readable  # edge-triggered: set by an event, cleared by EAGAIN or a short read
-    int writable
-    int rdhup  # the peer's FIN (or an error) was signalled: read on until EOF
-    Pair *pair
-
-
-cdef struct Half:
-    # Bytes from side[i] to side[1 - i]. `buf` holds only what the destination would not
-    # take; it is NULL while nothing is pending, so an idle pair owns no user-space buffer.
-    char *buf
-    size_t off
-    size_t len
-    uint64_t nbytes
-    int done  # EOF read and shutdown(dst, SHUT_WR) done
-
-
-cdef struct Pair:
-    Side side[2]
-    Half half[2]
-    uint64_t conn_id
-    int mptcp_side  # index of the side whose MPTCP status is reported, or -1
-    int is_mptcp
-    int subflows
-    int64_t start_ns
-    int64_t last_ns  # the last time a byte moved
-    int64_t sampled_ns  # the last MPTCP status sample
-    int reason
-    int err
-    int dead
-    int queued  # on the worker's ready list
-    int connecting  # accepted by the worker, upstream connect() under way
-    int client_family  # set for pairs the worker accepted itself
-    uint16_t client_port
-    uint8_t client_addr[16]
-    Pair *prev
-    Pair *next  # the worker's list of open pairs, or the incoming / graveyard chain
-    Pair *ready_next
-
-
-cdef struct Done:
-    uint64_t conn_id
-    uint64_t bytes_ab
-    uint64_t bytes_ba
-    int64_t duration_ns
-    int reason
-    int err
-    int is_mptcp
-    int subflows
-    int client_family
-    uint16_t client_port
-    uint8_t client_addr[16]
-
-
-cdef struct WorkerState:
-    int epfd
-    int wakefd
-    int notifyfd
-    int stopping
-    c.pthread_mutex_t lock
-    Pair *incoming
-    Pair *pairs
-    Pair *ready
-    Pair *graveyard
-    char *scratch
-    size_t bufsize
-    char **pool
-    int npool
-    # Finished pairs wait here for collect(), which swaps `done` with `spare` under
-    # out_lock: the worker never needs the GIL to report.
-    c.pthread_mutex_t out_lock
-    Done *done
-    int ndone
-    int done_cap
-    Done *spare
-    int spare_cap
-    int notify_pending
-    int64_t now
-    int64_t idle_ns
-    int64_t next_scan
-    uint64_t total  # written by the control thread only (under lock)
-    uint64_t finished  # written by the worker only
-    uint64_t nbytes
-    int fatal_errno
-    # accept + connect in the worker (Relay.listen): the fast path for a fixed upstream
-    int listenfd
-    int want_listen  # written by the control thread
-    int listening  # written by the worker: the listener is in its epoll set
-    int64_t resume_ns  # accepting paused (out of fds) until then
-    c.sockaddr_storage up_addr
-    c.socklen_t up_len
-    int up_family
-    int up_proto
-    int up_mptcp_side
-    unsigned int mark
-    int64_t connect_ns
-    uint64_t accepted
-    uint64_t accept_errors
-
 
 cdef inline int64_t now_ns() noexcept nogil:
     cdef c.timespec ts
@@ -491,259 +374,129 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             c.write(w.notifyfd, &one, sizeof(one))  # once per batch, not per pair
 
 
-include "_accept.pxi"
+# -- accept() and the upstream connect() inside the worker: the fast path for a fixed
+# upstream address (Relay.listen). The control plane keeps everything that needs a
+# decision per connection (transparent mode, names to resolve, limits).
+
+cdef uint64_t next_conn_id = 1  # shared by every relay in the process, taken atomically
 
 
-@cython.final
-cdef class _Worker:
-    cdef WorkerState w
-    cdef object thread
-
-    def __cinit__(self):
-        self.w.epfd = -1
-        self.w.wakefd = -1
-        self.w.listenfd = -1
-
-    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd):
-        cdef c.epoll_event ev
-        self.w.notifyfd = notifyfd
-        self.w.bufsize = bufsize
-        self.w.idle_ns = <int64_t>(idle_timeout * NS)
-        c.pthread_mutex_init(&self.w.lock, NULL)
-        c.pthread_mutex_init(&self.w.out_lock, NULL)
-        self.w.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
-        if self.w.epfd < 0:
-            raise OSError(c.errno, os.strerror(c.errno))
-        self.w.wakefd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
-        if self.w.wakefd < 0:
-            raise OSError(c.errno, os.strerror(c.errno))
-        ev.events = c.EPOLLIN
-        ev.data.ptr = NULL
-        if c.epoll_ctl(self.w.epfd, c.EPOLL_CTL_ADD, self.w.wakefd, &ev) != 0:
-            raise OSError(c.errno, os.strerror(c.errno))
-        self.w.scratch = <char *>malloc(bufsize)
-        self.w.pool = <char **>calloc(POOL_KEEP, sizeof(char *))
-        self.w.done_cap = self.w.spare_cap = 64
-        self.w.done = <Done *>malloc(self.w.done_cap * sizeof(Done))
-        self.w.spare = <Done *>malloc(self.w.spare_cap * sizeof(Done))
-        if (self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL
-                or self.w.spare == NULL):
-            raise MemoryError()
-        self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay", daemon=True)
-        self.thread.start()
-
-    def __reduce__(self):
-        raise TypeError("a relay worker holds fds and cannot be pickled")
-
-    def _run(self):
-        cdef int rc
-        with nogil:
-            rc = worker_loop(&self.w)
-        if rc < 0:
-            raise OSError(self.w.fatal_errno, os.strerror(self.w.fatal_errno))
-
-    cdef void take(self, list out):
-        # Swap the outbox with the empty spare under the lock, then build the Results
-        # from the taken one while the worker goes on filling the other.
-        cdef Done *taken
-        cdef int n, cap, i
-        cdef Done *d
-        c.pthread_mutex_lock(&self.w.out_lock)
-        taken, n, cap = self.w.done, self.w.ndone, self.w.done_cap
-        self.w.done, self.w.ndone, self.w.done_cap = self.w.spare, 0, self.w.spare_cap
-        c.pthread_mutex_unlock(&self.w.out_lock)
-        for i in range(n):
-            d = &taken[i]
-            client = None
-            if d.client_family == c.AF_INET:
-                client = (socket.inet_ntop(socket.AF_INET, d.client_addr[:4]), d.client_port)
-            elif d.client_family == c.AF_INET6:
-                client = (socket.inet_ntop(socket.AF_INET6, d.client_addr[:16]), d.client_port)
-            out.append(Result(
-                d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
-                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client,
-            ))
-        self.w.spare, self.w.spare_cap = taken, cap
-
-    cdef void push(self, Pair *p) noexcept:
-        cdef uint64_t one = 1
-        c.pthread_mutex_lock(&self.w.lock)
-        p.next = self.w.incoming
-        self.w.incoming = p
-        self.w.total += 1
-        c.pthread_mutex_unlock(&self.w.lock)
-        c.write(self.w.wakefd, &one, sizeof(one))
-
-    cdef void signal_stop(self) noexcept:
-        cdef uint64_t one = 1
-        self.w.stopping = 1
-        c.write(self.w.wakefd, &one, sizeof(one))
-
-    def stop(self):
-        self.signal_stop()
-        self.thread.join()
-
-    def stats(self):
-        return WorkerStats(
-            self.active, self.w.total, self.w.nbytes, self.w.accepted, self.w.accept_errors
-        )
-
-    cdef void set_listen(self, int fd, bytes sockaddr, int family, int proto, int mptcp_side,
-                         unsigned int mark, double connect_timeout):
-        cdef uint64_t one = 1
-        memcpy(&self.w.up_addr, <char *>sockaddr, len(sockaddr))
-        self.w.up_len = len(sockaddr)
-        self.w.up_family, self.w.up_proto, self.w.up_mptcp_side = family, proto, mptcp_side
-        self.w.mark = mark
-        self.w.connect_ns = <int64_t>(connect_timeout * NS)
-        self.w.listenfd = fd
-        self.w.want_listen = 1  # the eventfd write below orders the stores before it
-        c.write(self.w.wakefd, &one, sizeof(one))
-
-    cdef void set_unlisten(self):
-        cdef uint64_t one = 1
-        self.w.want_listen = 0
-        c.write(self.w.wakefd, &one, sizeof(one))
-
-    @property
-    def active(self):
-        return self.w.total - self.w.finished
-
-    def __dealloc__(self):
-        cdef int i
-        if self.w.epfd >= 0:
-            c.close(self.w.epfd)
-        if self.w.wakefd >= 0:
-            c.close(self.w.wakefd)
-        for i in range(self.w.npool):
-            free(self.w.pool[i])
-        free(self.w.pool)
-        free(self.w.scratch)
-        free(self.w.done)
-        free(self.w.spare)
-        c.pthread_mutex_destroy(&self.w.lock)
-        c.pthread_mutex_destroy(&self.w.out_lock)
+cdef inline uint64_t new_conn_id() noexcept nogil:
+    return c.__atomic_fetch_add(&next_conn_id, 1, c.__ATOMIC_RELAXED)
 
 
-@cython.final
-cdef class Relay:
-    """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
+cdef void sync_listener(WorkerState *w) noexcept nogil:
+    # Make the epoll set hold the listener exactly when the control plane wants it and
+    # accepting is not paused. EPOLLEXCLUSIVE: one worker is woken per new connection.
+    cdef c.epoll_event ev
+    if w.want_listen and not w.listening and w.now >= w.resume_ns:
+        ev.events = c.EPOLLIN | c.EPOLLEXCLUSIVE
+        ev.data.ptr = <void *>w
+        if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, w.listenfd, &ev) == 0:
+            w.listening = 1
+    elif w.listening and (not w.want_listen or w.now < w.resume_ns):
+        ev.events = 0
+        c.epoll_ctl(w.epfd, c.EPOLL_CTL_DEL, w.listenfd, &ev)
+        w.listening = 0
 
-    cdef list _workers
-    cdef list _results  # taken from the workers when they stopped
-    cdef int _notifyfd
-    cdef bint _closed
 
-    def __cinit__(self):
-        self._notifyfd = -1
+cdef void keep_client_address(Pair *p, c.sockaddr_storage *ss) noexcept nogil:
+    cdef c.sockaddr_in *sin
+    cdef c.sockaddr_in6 *sin6
+    p.client_family = ss.ss_family
+    if ss.ss_family == c.AF_INET:
+        sin = <c.sockaddr_in *>ss
+        p.client_port = c.ntohs(sin.sin_port)
+        memcpy(p.client_addr, &sin.sin_addr, 4)
+    elif ss.ss_family == c.AF_INET6:
+        sin6 = <c.sockaddr_in6 *>ss
+        p.client_port = c.ntohs(sin6.sin6_port)
+        memcpy(p.client_addr, &sin6.sin6_addr, 16)
 
-    def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0):
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
-        if bufsize < 4096:
-            raise ValueError("bufsize must be at least 4096")
-        self._results = []
-        self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
-        if self._notifyfd < 0:
-            raise OSError(c.errno, os.strerror(c.errno))
-        self._workers = []
-        for _ in range(workers):
-            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd))
 
-    def __reduce__(self):
-        raise TypeError("a relay holds fds and cannot be pickled")
-
-    @property
-    def notify_fd(self):
-        return self._notifyfd
-
-    @property
-    def active(self):
-        return sum([(<_Worker>w).active for w in self._workers])
-
-    def add(self, int fd_a, int fd_b, conn_id, int mptcp_fd=-1):
-        cdef _Worker best = None
-        cdef _Worker wk
-        cdef Pair *p
-        if self._closed:
-            raise RuntimeError("the relay is closed")
-        if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
-            raise ValueError("two distinct open fds are needed")
-        for wk in self._workers:
-            if best is None or wk.w.total - wk.w.finished < best.w.total - best.w.finished:
-                best = wk
+cdef void accept_some(WorkerState *w) noexcept nogil:
+    cdef c.sockaddr_storage ss
+    cdef c.socklen_t sslen
+    cdef int cfd, ufd, err, i, rc
+    cdef Pair *p
+    for i in range(ACCEPT_BATCH):
+        sslen = sizeof(ss)
+        cfd = c.accept4(w.listenfd, <c.sockaddr *>&ss, &sslen,
+                        c.SOCK_NONBLOCK | c.SOCK_CLOEXEC)
+        if cfd < 0:
+            err = c.errno
+            if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
+                # Out of fds or memory: leave the listener alone for 100 ms, not spin on it.
+                w.accept_errors += 1
+                w.resume_ns = w.now + NS // 10
+                sync_listener(w)
+                if put_done(w, R_ACCEPT_ERROR, err) != NULL:
+                    c.pthread_mutex_unlock(&w.out_lock)
+                return
+            if err == c.EAGAIN:
+                return
+            continue  # ECONNABORTED and the like: that client is gone already
+        w.accepted += 1
         p = <Pair *>calloc(1, sizeof(Pair))
         if p == NULL:
-            raise MemoryError()
-        p.side[0].fd = fd_a
-        p.side[1].fd = fd_b
+            c.close(cfd)
+            continue
+        p.side[0].fd = cfd
+        p.side[1].fd = -1
         p.side[0].pair = p
         p.side[1].pair = p
-        p.conn_id = conn_id
-        p.mptcp_side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
+        p.conn_id = new_conn_id()
+        p.mptcp_side = w.up_mptcp_side
         p.start_ns = now_ns()
-        best.push(p)
-
-    def new_id(self):
-        return new_conn_id()
-
-    def listen(self, int fd, int family, tuple sockaddr, bint mptcp, int mptcp_side=-1,
-               unsigned int mark=0, double connect_timeout=10.0):
-        cdef _Worker w
-        raw = _sockaddr_bytes(family, sockaddr)
-        for w in self._workers:
-            w.set_listen(fd, raw, family, 262 if mptcp else 0, mptcp_side, mark,
-                         connect_timeout)
-
-    def unlisten(self):
-        cdef _Worker w
-        for w in self._workers:
-            w.set_unlisten()
-
-    @property
-    def listening(self):
-        cdef _Worker w
-        return any([w.w.listening for w in self._workers])
-
-    def collect(self):
-        cdef uint64_t junk
-        cdef _Worker w
-        if self._notifyfd >= 0:
-            c.read(self._notifyfd, &junk, sizeof(junk))
-        out, self._results = self._results, []
-        for w in self._workers:
-            w.take(out)
-        return out
-
-    def stats(self):
-        return [(<_Worker>w).stats() for w in self._workers]
-
-    def close(self):
-        if self._closed:
-            return
-        self._closed = True
-        for w in self._workers:
-            (<_Worker>w).stop()
-            (<_Worker>w).take(self._results)
-        self._workers = []
-        if self._notifyfd >= 0:
-            c.close(self._notifyfd)
-            self._notifyfd = -1
-
-    def __dealloc__(self):
-        # A relay dropped without close(): tell the workers to abort their pairs and stop,
-        # but neither wait for them (at interpreter exit they may never run again) nor
-        # close the notify fd they may still write to. Never raises.
-        cdef _Worker w
-        if not self._closed and self._workers is not None:
-            for w in self._workers:
-                w.signal_stop()
+        keep_client_address(p, &ss)
+        c.pthread_mutex_lock(&w.lock)
+        w.total += 1
+        c.pthread_mutex_unlock(&w.lock)
+        p.next = w.pairs
+        if w.pairs != NULL:
+            w.pairs.prev = p
+        w.pairs = p
+        ufd = c.socket(w.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
+                       w.up_proto)
+        if ufd < 0:
+            finish(w, p, R_FAILED, c.errno)
+            continue
+        p.side[1].fd = ufd
+        if w.mark:
+            c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &w.mark, sizeof(w.mark))
+        rc = c.connect(ufd, <c.sockaddr *>&w.up_addr, w.up_len)
+        err = c.errno
+        if rc != 0 and err != c.EINPROGRESS:
+            finish(w, p, R_FAILED, err)
+            continue
+        p.connecting = 1  # even when connect() is done already: EPOLLOUT follows at once
+        register(w, p)
 
 
-def _sockaddr_bytes(int family, tuple sockaddr):
-    # struct sockaddr_in / sockaddr_in6, as connect() takes it.
-    cdef bytes port = struct.pack("!H", sockaddr[1])
-    if family == socket.AF_INET:
-        return struct.pack("=H", family) + port + socket.inet_pton(family, sockaddr[0]) + bytes(8)
-    return (struct.pack("=H", family) + port + bytes(4) + socket.inet_pton(family, sockaddr[0])
-            + struct.pack("=I", sockaddr[3] if len(sockaddr) > 3 else 0))
+cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept nogil:
+    # An event on a pair whose upstream is still connecting. Returns 1 while nothing may
+    # move yet (the client's readiness is kept in its Side for later), 0 once connected.
+    cdef int soerr = 0
+    cdef int one = 1
+    cdef c.socklen_t slen = sizeof(soerr)
+    if s == &p.side[0]:
+        if ev & c.EPOLLERR:
+            c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
+            if soerr:
+                fail(w, p, soerr)  # the client gave up while we were connecting
+        return 1
+    if not ev & (c.EPOLLOUT | c.EPOLLERR | c.EPOLLHUP):
+        return 1
+    c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
+    if soerr:
+        finish(w, p, R_FAILED, soerr)
+        return 1
+    p.connecting = 0
+    # A relay must not add Nagle's delay on top of the application's own choice.
+    c.setsockopt(p.side[0].fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
+    c.setsockopt(p.side[1].fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
+    sample_mptcp(p)
+    return 0
+
+
+include "_relay_api.pxi"

@@ -1,0 +1,122 @@
+# The relay's C state: enums and structs, shared by _relay.pyx and its includes.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mptcpproxy cimport _sys as c
+
+
+cdef enum:
+    R_CLOSED = 0
+    R_RESET = 1
+    R_TIMEOUT = 2
+    R_ERROR = 3
+    R_ABORTED = 4
+    R_FAILED = 5  # the upstream could not be reached (accepted by the worker itself)
+    R_ACCEPT_ERROR = 6  # not a pair: accept() failed for want of fds or memory
+
+cdef enum:
+    MAX_EVENTS = 256
+    READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others
+    POOL_KEEP = 64  # spare pending buffers a worker keeps
+    NS = 1000000000
+    ACCEPT_BATCH = 64  # accepts per wake-up, so open pairs get their turn in between
+
+
+cdef struct Side:
+    int fd
+    int readable  # edge-triggered: set by an event, cleared by EAGAIN or a short read
+    int writable
+    int rdhup  # the peer's FIN (or an error) was signalled: read on until EOF
+    Pair *pair
+
+
+cdef struct Half:
+    # Bytes from side[i] to side[1 - i]. `buf` holds only what the destination would not
+    # take; it is NULL while nothing is pending, so an idle pair owns no user-space buffer.
+    char *buf
+    size_t off
+    size_t len
+    uint64_t nbytes
+    int done  # EOF read and shutdown(dst, SHUT_WR) done
+
+
+cdef struct Pair:
+    Side side[2]
+    Half half[2]
+    uint64_t conn_id
+    int mptcp_side  # index of the side whose MPTCP status is reported, or -1
+    int is_mptcp
+    int subflows
+    int64_t start_ns
+    int64_t last_ns  # the last time a byte moved
+    int64_t sampled_ns  # the last MPTCP status sample
+    int reason
+    int err
+    int dead
+    int queued  # on the worker's ready list
+    int connecting  # accepted by the worker, upstream connect() under way
+    int client_family  # set for pairs the worker accepted itself
+    uint16_t client_port
+    uint8_t client_addr[16]
+    Pair *prev
+    Pair *next  # the worker's list of open pairs, or the incoming / graveyard chain
+    Pair *ready_next
+
+
+cdef struct Done:
+    uint64_t conn_id
+    uint64_t bytes_ab
+    uint64_t bytes_ba
+    int64_t duration_ns
+    int reason
+    int err
+    int is_mptcp
+    int subflows
+    int client_family
+    uint16_t client_port
+    uint8_t client_addr[16]
+
+
+cdef struct WorkerState:
+    int epfd
+    int wakefd
+    int notifyfd
+    int stopping
+    c.pthread_mutex_t lock
+    Pair *incoming
+    Pair *pairs
+    Pair *ready
+    Pair *graveyard
+    char *scratch
+    size_t bufsize
+    char **pool
+    int npool
+    # Finished pairs wait here for collect(), which swaps `done` with `spare` under
+    # out_lock: the worker never needs the GIL to report.
+    c.pthread_mutex_t out_lock
+    Done *done
+    int ndone
+    int done_cap
+    Done *spare
+    int spare_cap
+    int notify_pending
+    int64_t now
+    int64_t idle_ns
+    int64_t next_scan
+    uint64_t total  # written by the control thread only (under lock)
+    uint64_t finished  # written by the worker only
+    uint64_t nbytes
+    int fatal_errno
+    # accept + connect in the worker (Relay.listen): the fast path for a fixed upstream
+    int listenfd
+    int want_listen  # written by the control thread
+    int listening  # written by the worker: the listener is in its epoll set
+    int64_t resume_ns  # accepting paused (out of fds) until then
+    c.sockaddr_storage up_addr
+    c.socklen_t up_len
+    int up_family
+    int up_proto
+    int up_mptcp_side
+    unsigned int mark
+    int64_t connect_ns
+    uint64_t accepted
+    uint64_t accept_errors

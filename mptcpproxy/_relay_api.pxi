@@ -1,0 +1,256 @@
+# Included by _relay.pyx: the Python-facing classes. They hold the GIL; the engine
+# above them in _relay.pyx never does.
+
+@cython.final
+cdef class _Worker:
+    cdef WorkerState w
+    cdef object thread
+
+    def __cinit__(self):
+        self.w.epfd = -1
+        self.w.wakefd = -1
+        self.w.listenfd = -1
+
+    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd):
+        cdef c.epoll_event ev
+        self.w.notifyfd = notifyfd
+        self.w.bufsize = bufsize
+        self.w.idle_ns = <int64_t>(idle_timeout * NS)
+        c.pthread_mutex_init(&self.w.lock, NULL)
+        c.pthread_mutex_init(&self.w.out_lock, NULL)
+        self.w.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
+        if self.w.epfd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        self.w.wakefd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if self.w.wakefd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        ev.events = c.EPOLLIN
+        ev.data.ptr = NULL
+        if c.epoll_ctl(self.w.epfd, c.EPOLL_CTL_ADD, self.w.wakefd, &ev) != 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        self.w.scratch = <char *>malloc(bufsize)
+        self.w.pool = <char **>calloc(POOL_KEEP, sizeof(char *))
+        self.w.done_cap = self.w.spare_cap = 64
+        self.w.done = <Done *>malloc(self.w.done_cap * sizeof(Done))
+        self.w.spare = <Done *>malloc(self.w.spare_cap * sizeof(Done))
+        if (self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL
+                or self.w.spare == NULL):
+            raise MemoryError()
+        self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay", daemon=True)
+        self.thread.start()
+
+    def __reduce__(self):
+        raise TypeError("a relay worker holds fds and cannot be pickled")
+
+    def _run(self):
+        cdef int rc
+        with nogil:
+            rc = worker_loop(&self.w)
+        if rc < 0:
+            raise OSError(self.w.fatal_errno, os.strerror(self.w.fatal_errno))
+
+    cdef void take(self, list out):
+        # Swap the outbox with the empty spare under the lock, then build the Results
+        # from the taken one while the worker goes on filling the other.
+        cdef Done *taken
+        cdef int n, cap, i
+        cdef Done *d
+        c.pthread_mutex_lock(&self.w.out_lock)
+        taken, n, cap = self.w.done, self.w.ndone, self.w.done_cap
+        self.w.done, self.w.ndone, self.w.done_cap = self.w.spare, 0, self.w.spare_cap
+        c.pthread_mutex_unlock(&self.w.out_lock)
+        for i in range(n):
+            d = &taken[i]
+            client = None
+            if d.client_family == c.AF_INET:
+                client = (socket.inet_ntop(socket.AF_INET, d.client_addr[:4]), d.client_port)
+            elif d.client_family == c.AF_INET6:
+                client = (socket.inet_ntop(socket.AF_INET6, d.client_addr[:16]), d.client_port)
+            out.append(Result(
+                d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
+                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client,
+            ))
+        self.w.spare, self.w.spare_cap = taken, cap
+
+    cdef void push(self, Pair *p) noexcept:
+        cdef uint64_t one = 1
+        c.pthread_mutex_lock(&self.w.lock)
+        p.next = self.w.incoming
+        self.w.incoming = p
+        self.w.total += 1
+        c.pthread_mutex_unlock(&self.w.lock)
+        c.write(self.w.wakefd, &one, sizeof(one))
+
+    cdef void signal_stop(self) noexcept:
+        cdef uint64_t one = 1
+        self.w.stopping = 1
+        c.write(self.w.wakefd, &one, sizeof(one))
+
+    def stop(self):
+        self.signal_stop()
+        self.thread.join()
+
+    def stats(self):
+        return WorkerStats(
+            self.active, self.w.total, self.w.nbytes, self.w.accepted, self.w.accept_errors
+        )
+
+    cdef void set_listen(self, int fd, bytes sockaddr, int family, int proto, int mptcp_side,
+                         unsigned int mark, double connect_timeout):
+        cdef uint64_t one = 1
+        memcpy(&self.w.up_addr, <char *>sockaddr, len(sockaddr))
+        self.w.up_len = len(sockaddr)
+        self.w.up_family, self.w.up_proto, self.w.up_mptcp_side = family, proto, mptcp_side
+        self.w.mark = mark
+        self.w.connect_ns = <int64_t>(connect_timeout * NS)
+        self.w.listenfd = fd
+        self.w.want_listen = 1  # the eventfd write below orders the stores before it
+        c.write(self.w.wakefd, &one, sizeof(one))
+
+    cdef void set_unlisten(self):
+        cdef uint64_t one = 1
+        self.w.want_listen = 0
+        c.write(self.w.wakefd, &one, sizeof(one))
+
+    @property
+    def active(self):
+        return self.w.total - self.w.finished
+
+    def __dealloc__(self):
+        cdef int i
+        if self.w.epfd >= 0:
+            c.close(self.w.epfd)
+        if self.w.wakefd >= 0:
+            c.close(self.w.wakefd)
+        for i in range(self.w.npool):
+            free(self.w.pool[i])
+        free(self.w.pool)
+        free(self.w.scratch)
+        free(self.w.done)
+        free(self.w.spare)
+        c.pthread_mutex_destroy(&self.w.lock)
+        c.pthread_mutex_destroy(&self.w.out_lock)
+
+
+@cython.final
+cdef class Relay:
+    """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
+
+    cdef list _workers
+    cdef list _results  # taken from the workers when they stopped
+    cdef int _notifyfd
+    cdef bint _closed
+
+    def __cinit__(self):
+        self._notifyfd = -1
+
+    def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if bufsize < 4096:
+            raise ValueError("bufsize must be at least 4096")
+        self._results = []
+        self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
+        if self._notifyfd < 0:
+            raise OSError(c.errno, os.strerror(c.errno))
+        self._workers = []
+        for _ in range(workers):
+            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd))
+
+    def __reduce__(self):
+        raise TypeError("a relay holds fds and cannot be pickled")
+
+    @property
+    def notify_fd(self):
+        return self._notifyfd
+
+    @property
+    def active(self):
+        return sum([(<_Worker>w).active for w in self._workers])
+
+    def add(self, int fd_a, int fd_b, conn_id, int mptcp_fd=-1):
+        cdef _Worker best = None
+        cdef _Worker wk
+        cdef Pair *p
+        if self._closed:
+            raise RuntimeError("the relay is closed")
+        if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
+            raise ValueError("two distinct open fds are needed")
+        for wk in self._workers:
+            if best is None or wk.w.total - wk.w.finished < best.w.total - best.w.finished:
+                best = wk
+        p = <Pair *>calloc(1, sizeof(Pair))
+        if p == NULL:
+            raise MemoryError()
+        p.side[0].fd = fd_a
+        p.side[1].fd = fd_b
+        p.side[0].pair = p
+        p.side[1].pair = p
+        p.conn_id = conn_id
+        p.mptcp_side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
+        p.start_ns = now_ns()
+        best.push(p)
+
+    def new_id(self):
+        return new_conn_id()
+
+    def listen(self, int fd, int family, tuple sockaddr, bint mptcp, int mptcp_side=-1,
+               unsigned int mark=0, double connect_timeout=10.0):
+        cdef _Worker w
+        raw = _sockaddr_bytes(family, sockaddr)
+        for w in self._workers:
+            w.set_listen(fd, raw, family, 262 if mptcp else 0, mptcp_side, mark,
+                         connect_timeout)
+
+    def unlisten(self):
+        cdef _Worker w
+        for w in self._workers:
+            w.set_unlisten()
+
+    @property
+    def listening(self):
+        cdef _Worker w
+        return any([w.w.listening for w in self._workers])
+
+    def collect(self):
+        cdef uint64_t junk
+        cdef _Worker w
+        if self._notifyfd >= 0:
+            c.read(self._notifyfd, &junk, sizeof(junk))
+        out, self._results = self._results, []
+        for w in self._workers:
+            w.take(out)
+        return out
+
+    def stats(self):
+        return [(<_Worker>w).stats() for w in self._workers]
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            (<_Worker>w).stop()
+            (<_Worker>w).take(self._results)
+        self._workers = []
+        if self._notifyfd >= 0:
+            c.close(self._notifyfd)
+            self._notifyfd = -1
+
+    def __dealloc__(self):
+        # A relay dropped without close(): tell the workers to abort their pairs and stop,
+        # but neither wait for them (at interpreter exit they may never run again) nor
+        # close the notify fd they may still write to. Never raises.
+        cdef _Worker w
+        if not self._closed and self._workers is not None:
+            for w in self._workers:
+                w.signal_stop()
+
+
+def _sockaddr_bytes(int family, tuple sockaddr):
+    # struct sockaddr_in / sockaddr_in6, as connect() takes it.
+    cdef bytes port = struct.pack("!H", sockaddr[1])
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + port + socket.inet_pton(family, sockaddr[0]) + bytes(8)
+    return (struct.pack("=H", family) + port + bytes(4) + socket.inet_pton(family, sockaddr[0])
+            + struct.pack("=I", sockaddr[3] if len(sockaddr) > 3 else 0))
