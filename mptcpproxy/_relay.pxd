@@ -16,7 +16,7 @@ cdef enum:
 cdef enum:
     MAX_EVENTS = 256
     READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others
-    POOL_KEEP = 64  # spare pending buffers a worker keeps
+    POOL_KEEP = 8  # spare pending buffers a worker keeps (each one --buffer-size)
     NS = 1000000000
     ACCEPT_BATCH = 64  # accepts per wake-up, so open pairs get their turn in between
 

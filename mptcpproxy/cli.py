@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
              "for this long, then close them (default: 30)",
     )
     parser.add_argument(
+        "--buffer-size", type=_positive_int, default=512, metavar="KIB",
+        help="relay buffer in KiB: each read is up to this size, and it bounds what the "
+             "proxy holds for a connection whose receiver does not keep up (default: 512)",
+    )
+    parser.add_argument(
         "--max-connections", type=_positive_int, default=0, metavar="N",
         help="above N open connections, new ones are closed at once (default: no limit)",
     )
@@ -219,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
+        buffer_size=max(args.buffer_size, 4) * 1024,
         transparent=args.transparent,
         mark=args.mark,
         setup_firewall=args.setup_firewall,

@@ -112,6 +112,7 @@ class Config:
     idle_timeout: float = 0.0  # 0: never close idle connections
     drain_timeout: float = 30.0
     max_connections: int = 0  # 0: no limit
+    buffer_size: int = 512 * 1024  # bytes a relay read takes, and the most kept per direction
     backlog: int = 4096
     # transparent mode (docs/transparent.md)
     transparent: str | None = None  # None, "redirect" or "tproxy"
