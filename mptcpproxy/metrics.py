@@ -109,9 +109,9 @@ class Metrics:
 
         family("mptcpproxy_start_time_seconds", "gauge",
                "Start time of the process since the Unix epoch.", [("", self.start_time)])
+        live = self._read_live()
         # Accepted by the relay workers themselves (the fast path) count live, from their stats.
-        accepted = self.accepted + sum(
-            w.accepted for w in (self.worker_stats() if self.worker_stats else []))
+        accepted = self.accepted + sum(w.accepted for w in live[1]) if live else self.accepted
         family("mptcpproxy_connections_accepted_total", "counter",
                "Connections accepted from clients.", [("", accepted)])
         family("mptcpproxy_connections_closed_total", "counter",
@@ -134,7 +134,7 @@ class Metrics:
                "Ended connections whose MPTCP leg really used MPTCP, or fell back to TCP.",
                [(_labels(result=r), self.mptcp_leg[r]) for r in ("mptcp", "fallback")])
         self._render_subflows(family)
-        self._render_live(family)
+        self._render_live(family, live)
         return "\n".join(out) + "\n"
 
     def _render_subflows(self, family: Callable[..., None]) -> None:
@@ -150,13 +150,20 @@ class Metrics:
                [(f"_bucket{labels}", n) for labels, n in samples]
                + [("_sum", sum(k * n for k, n in self.subflows.items())), ("_count", total)])
 
-    def _render_live(self, family: Callable[..., None]) -> None:
+    def _read_live(self) -> tuple[int | None, list[WorkerStats]] | None:
         try:
             active = self.active() if self.active else None
             stats = list(self.worker_stats()) if self.worker_stats else []
         except Exception:  # a scrape must not take the proxy down; say why, per scrape
             log.exception("cannot read the live connection counts")
+            return None
+        return active, stats
+
+    def _render_live(self, family: Callable[..., None],
+                     live: tuple[int | None, list[WorkerStats]] | None) -> None:
+        if live is None:
             return
+        active, stats = live
         if active is not None:
             family("mptcpproxy_connections_active", "gauge",
                    "Connections open now: connecting upstream or relayed.", [("", active)])
