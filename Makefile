@@ -72,3 +72,11 @@ man: venv
 clean:
 	rm -rf build dist wheelhouse *.egg-info mptcpproxy/*.so mptcpproxy/_relay.c mptcpproxy/*.html
 	rm -f mptcp-proxy.1
+
+# the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python
+# twin, HAProxy and socat side by side; bench/results/*.jsonl, the table in bench/README.md
+# and bench/ratios.png. BENCH_QUICK=1: one short run; BENCH_ARGS: bench/bench.py's options
+bench: EXTRA_APT = $(BENCH_APT_PACKAGES) gcc libc6-dev
+bench: deps build
+	$(PY) -m pip install -q -r bench/requirements.txt
+	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/bench.py $(BENCH_ARGS)

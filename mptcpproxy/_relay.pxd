@@ -14,6 +14,7 @@ cdef enum:
     R_ACCEPT_ERROR = 6  # not a pair: accept() failed for want of fds or memory
 
 cdef enum:
+    NOTIFY_MS = 20  # the longest a finished pair waits to be reported: fewer wake-ups
     MAX_EVENTS = 256
     READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others
     POOL_KEEP = 8  # spare pending buffers a worker keeps (each one --buffer-size)
@@ -99,6 +100,7 @@ cdef struct WorkerState:
     Done *spare
     int spare_cap
     int notify_pending
+    int64_t last_notify
     int64_t now
     int64_t idle_ns
     int64_t next_scan

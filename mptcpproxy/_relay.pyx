@@ -289,6 +289,23 @@ cdef void scan(WorkerState *w) noexcept nogil:
     w.next_scan = w.now + NS // 4
 
 
+cdef void prune_ready(WorkerState *w) noexcept nogil:
+    # A pair queued for another turn and finished afterwards must leave the ready list
+    # before its memory is freed (and reused by the next calloc).
+    cdef Pair *p = w.ready
+    cdef Pair *keep = NULL
+    cdef Pair *nxt
+    while p != NULL:
+        nxt = p.ready_next
+        if p.dead:
+            p.queued = 0
+        else:
+            p.ready_next = keep
+            keep = p
+        p = nxt
+    w.ready = keep
+
+
 cdef int worker_loop(WorkerState *w) noexcept nogil:
     # Runs until the worker is told to stop (returns 1) or epoll_wait fails (-1,
     # fatal_errno set); all of it without the GIL.
@@ -308,6 +325,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             timeout = 250
         else:
             timeout = -1
+        if w.notify_pending and (timeout < 0 or timeout > NOTIFY_MS):
+            timeout = NOTIFY_MS
         n = c.epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
         if n < 0:
             if c.errno == c.EINTR:
@@ -358,6 +377,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             if w.pairs != NULL:
                 scan(w)
             sync_listener(w)
+        if w.graveyard != NULL and w.ready != NULL:
+            prune_ready(w)
         while w.graveyard != NULL:
             p = w.graveyard
             w.graveyard = p.next
@@ -369,9 +390,11 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
                 w.graveyard = p.next
                 free(p)
             return 1
-        if w.notify_pending:
+        if w.notify_pending and w.now - w.last_notify >= NOTIFY_MS * 1000000:
+            # Each write wakes the control thread: at most one per NOTIFY_MS.
             w.notify_pending = 0
-            c.write(w.notifyfd, &one, sizeof(one))  # once per batch, not per pair
+            w.last_notify = w.now
+            c.write(w.notifyfd, &one, sizeof(one))
 
 
 # -- accept() and the upstream connect() inside the worker: the fast path for a fixed

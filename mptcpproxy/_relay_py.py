@@ -27,6 +27,7 @@ from mptcpproxy._results import (
 
 READ_BUDGET = 16
 ACCEPT_BATCH = 64
+NOTIFY_S = 0.02  # the longest a finished pair waits to be reported: fewer wake-ups
 _OUT_OF_RESOURCES = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
 _ids = itertools.count(1)  # connection ids, shared by every relay (next() holds the GIL)
 SOL_MPTCP, MPTCP_INFO, TCP_IS_MPTCP = 284, 1, 43
@@ -93,6 +94,7 @@ class _Worker:
         self.ready: list[_Pair] = []
         self.total = self.finished = self.nbytes = 0
         self.accepted = self.accept_errors = 0
+        self.notify_pending, self.last_notify = False, 0.0
         self.listener: socket.socket | None = None  # Relay.listen: accept here too
         self.want_listen = self.listening = False
         self.resume_at = 0.0
@@ -125,6 +127,8 @@ class _Worker:
         while True:
             busy = self.pairs or (self.want_listen and not self.listening)
             timeout = 0 if self.ready else 0.25 if busy else -1
+            if self.notify_pending and not 0 <= timeout <= NOTIFY_S:
+                timeout = NOTIFY_S
             events = self.ep.poll(timeout)
             now = time.monotonic()
             for fd, ev in events:
@@ -163,6 +167,11 @@ class _Worker:
                 self._scan(now)
                 self._sync_listener(now)
                 next_scan = now + 0.25
+            if self.notify_pending and now - self.last_notify >= NOTIFY_S:
+                # Each write wakes the control thread: at most one per NOTIFY_S.
+                self.notify_pending = False
+                self.last_notify = now
+                os.eventfd_write(self.notify_fd, 1)
             if self.stopping:
                 self._take_incoming(now)
                 for pair, _ in list(self.pairs.values()):
@@ -378,7 +387,7 @@ class _Worker:
 
     def _report(self, result: Result) -> None:
         self.results.append(result)
-        os.eventfd_write(self.notify_fd, 1)
+        self.notify_pending = True
 
 
 class Relay:
