@@ -54,9 +54,10 @@ wheel: venv
 	$(VENV)/bin/auditwheel show wheelhouse/*.whl
 
 # the repaired wheel in a fresh virtualenv; the tests run from a scratch directory holding
-# only test/, contrib/ and pyproject.toml, so mptcpproxy can only be the installed one
+# only test/, contrib/ and pyproject.toml, so mptcpproxy can only be the installed one;
+# the directory is world-readable because one test runs the proxy as nobody
 testinstalled: deps wheel
-	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	@set -e; tmp=$$(mktemp -d); chmod 755 "$$tmp"; trap 'rm -rf "$$tmp"' EXIT; \
 	$(PY) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install -q "$$(echo wheelhouse/*.whl)[test]"; \
 	cp -r test contrib pyproject.toml "$$tmp/"; cd "$$tmp"; \
