@@ -482,7 +482,14 @@ cdef void accept_some(WorkerState *w) noexcept nogil:
         ufd = c.socket(w.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
                        w.up_proto)
         if ufd < 0:
-            finish(w, p, R_FAILED, c.errno)
+            err = c.errno
+            finish(w, p, R_FAILED, err)
+            if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
+                # No fd for the upstream: accept no more clients we cannot serve for now.
+                w.accept_errors += 1
+                w.resume_ns = w.now + NS // 10
+                sync_listener(w)
+                return
             continue
         p.side[1].fd = ufd
         if w.mark:

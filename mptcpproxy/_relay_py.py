@@ -255,6 +255,11 @@ class _Worker:
                 up = socket.socket(family, socket.SOCK_STREAM, proto)
             except OSError as exc:
                 self._finish(pair, FAILED, exc.errno or 0)
+                if exc.errno in _OUT_OF_RESOURCES:  # accept no more clients we cannot serve
+                    self.accept_errors += 1
+                    self.resume_at = now + 0.1
+                    self._sync_listener(now)
+                    return
                 continue
             pair.socks[1] = up
             up.setblocking(False)

@@ -24,6 +24,7 @@ log = logging.getLogger("mptcpproxy")
 
 ACCEPT_BATCH = 64  # accepts per wake-up, so set-up tasks get the loop in between
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class StartupError(Exception):
@@ -182,7 +183,7 @@ class Proxy:
                 return
             except OSError as exc:
                 self.metrics.accept_error()
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in OUT_OF_RESOURCES:
                     self._pause_accept(exc)
                 elif exc.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
                     self._warn_once("accept", "accept failed: %s", os.strerror(exc.errno or 0))
@@ -288,6 +289,10 @@ class Proxy:
         exc = TimeoutError("timed out") if r.errno == errno.ETIMEDOUT else OSError(
             r.errno, os.strerror(r.errno))
         self.metrics.connect_failed(connect_failure_reason(exc))
+        if r.errno in OUT_OF_RESOURCES:  # a burst of these: one line a second is enough
+            self._warn_once("accept-fds", "cannot accept: %s; closing new connections and "
+                            "pausing accepts for 100 ms", os.strerror(r.errno))
+            return
         log.warning(
             "conn %d from %s: upstream %s failed: %s; closing the client connection",
             r.conn_id, sockets.peer_name(r.client), self.config.remote, _reason(exc),
