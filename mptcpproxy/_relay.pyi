@@ -4,31 +4,7 @@
 (pure Python) implement this same API; `mptcpproxy.relay` picks one.
 """
 
-from typing import NamedTuple
-
-# How a pair ended (Result.reason).
-CLOSED: str  # both halves finished with EOF: a clean close
-RESET: str  # a peer reset the connection; the reset was passed on to the other peer
-TIMEOUT: str  # no byte moved either way for idle_timeout seconds
-ERROR: str  # another socket error (Result.errno says which)
-ABORTED: str  # the relay was closed while the pair was open
-
-class Result(NamedTuple):
-    """What one finished pair reports."""
-
-    conn_id: int
-    bytes_ab: int  # bytes delivered from fd_a to fd_b
-    bytes_ba: int  # bytes delivered from fd_b to fd_a
-    duration: float  # seconds between add() and the close
-    reason: str
-    errno: int  # 0 unless reason is RESET or ERROR
-    is_mptcp: bool  # the watched fd (mptcp_fd) really ran MPTCP (TCP_IS_MPTCP)
-    subflows: int  # most subflows seen on it, the first included (0 when not MPTCP)
-
-class WorkerStats(NamedTuple):
-    active: int  # pairs open now
-    pairs: int  # pairs handed to this worker since start
-    bytes: int  # bytes relayed by this worker since start
+from mptcpproxy._results import Result, WorkerStats
 
 class Relay:
     def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0) -> None:
@@ -39,11 +15,25 @@ class Relay:
     @property
     def active(self) -> int:
         """Pairs open now, across all workers."""
+    def new_id(self) -> int:
+        """A connection id, unique in this process (shared with the pairs listen() makes)."""
     def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1) -> None:
         """Hand over two connected sockets; the relay owns and closes both fds from now on.
 
         `mptcp_fd` is fd_a, fd_b or -1: the leg whose MPTCP status is reported.
         """
+    def listen(self, fd: int, family: int, sockaddr: tuple, mptcp: bool, mptcp_side: int = -1,
+               mark: int = 0, connect_timeout: float = 10.0) -> None:
+        """Let the workers accept on the listening socket `fd` themselves and connect each
+        client to `sockaddr` (MPTCP if `mptcp`, with SO_MARK `mark`). `mptcp_side` is 0
+        (the client), 1 (the upstream) or -1: the leg whose MPTCP status is reported.
+        Clients whose upstream fails end as Result(reason=FAILED, client=(host, port)).
+        The caller keeps `fd` open until unlisten() took effect (`listening` is False)."""
+    def unlisten(self) -> None:
+        """Stop accepting; the workers drop the listener from their epoll sets."""
+    @property
+    def listening(self) -> bool:
+        """Whether any worker still polls the listener."""
     def collect(self) -> list[Result]:
         """Results of the pairs finished since the last call (also drains notify_fd)."""
     def stats(self) -> list[WorkerStats]:
