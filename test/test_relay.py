@@ -400,3 +400,58 @@ def test_listen_gives_up_after_the_connect_timeout(engine):
             lsock.close()
             for f in filler:
                 f.close()
+
+
+def test_pairs_reset_mid_transfer_leave_the_others_intact(engine):
+    # Churn: pairs come and go, a third of them cut by a reset in the middle of a bulk
+    # transfer, while the others' bytes must arrive whole and in order.
+    relay = engine(workers=2, bufsize=65536)
+    corrupted: list[tuple[int, int, int]] = []
+
+    def one(i: int) -> None:
+        chain = Chain(relay, make=tcp_pair, conn_id=i)
+        rnd = random.Random(i)
+        data = rnd.randbytes(rnd.randrange(MiB, 4 * MiB))
+        cut = i % 3 == 0
+
+        def send() -> None:
+            try:
+                for k in range(0, len(data), 256 * 1024):
+                    chain.left.sendall(data[k:k + 256 * 1024])
+                    if cut and k > len(data) // 3:
+                        chain.left.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                              struct.pack("ii", 1, 0))
+                        chain.left.close()
+                        return
+                chain.left.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the cut pair's sender may see its own reset
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        h, n = hashlib.sha256(), 0
+        try:
+            while got := chain.right.recv(65536):
+                h.update(got)
+                n += len(got)
+        except ConnectionResetError:
+            pass
+        sender.join(TIMEOUT)
+        if not cut and (n, h.digest()) != (len(data), hashlib.sha256(data).digest()):
+            corrupted.append((i, n, len(data)))
+        chain.close()
+
+    threads: list[threading.Thread] = []
+    try:
+        for i in range(150):
+            thread = threading.Thread(target=one, args=(i,), daemon=True)
+            thread.start()
+            threads.append(thread)
+            if len(threads) >= 12:
+                threads.pop(0).join(TIMEOUT)
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert not any(t.is_alive() for t in threads), "a transfer hung"
+        assert corrupted == []
+    finally:
+        relay.close()
