@@ -24,13 +24,13 @@ from mptcpproxy._results import (
     Result,
     WorkerStats,
 )
+from mptcpproxy.sockets import MPTCP_INFO, SOL_MPTCP, TCP_IS_MPTCP
 
 READ_BUDGET = 16
 ACCEPT_BATCH = 64
 NOTIFY_S = 0.02  # the longest a finished pair waits to be reported: fewer wake-ups
 _OUT_OF_RESOURCES = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
 _ids = itertools.count(1)  # connection ids, shared by every relay (next() holds the GIL)
-SOL_MPTCP, MPTCP_INFO, TCP_IS_MPTCP = 284, 1, 43
 _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR

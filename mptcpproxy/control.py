@@ -57,6 +57,7 @@ class Proxy:
         self.conns: dict[int, _Conn] = {}
         self.connecting: set[Attempt] = set()
         self.fast = False  # the relay workers accept and connect themselves
+        self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
         self.stopping: asyncio.Event | None = None
         self._last_warning: dict[str, float] = {}
         self.metrics = Metrics(
@@ -114,7 +115,6 @@ class Proxy:
         else:
             loop.add_reader(self.listener.fileno(), self._on_accept)
         self.stopping = asyncio.Event()
-        self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal)
         name = sockets.peer_name(self.listener.getsockname())

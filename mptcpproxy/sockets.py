@@ -112,14 +112,6 @@ def set_nodelay(sock: socket.socket) -> None:
         pass
 
 
-def is_mptcp(sock: socket.socket) -> bool:
-    """Whether the kernel runs this connection as MPTCP (False after a fallback to TCP)."""
-    try:
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP))
-    except OSError:
-        return False
-
-
 def peer_name(addr: tuple) -> str:
     """`host:port` for a socket address, IPv4-mapped IPv6 shown as plain IPv4."""
     host, port = addr[0], addr[1]
