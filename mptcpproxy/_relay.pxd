@@ -20,6 +20,7 @@ cdef enum:
     POOL_KEEP = 8  # spare pending buffers a worker keeps (each one --buffer-size)
     NS = 1000000000
     ACCEPT_BATCH = 64  # accepts per wake-up, so open pairs get their turn in between
+    SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
 
 
 cdef struct Side:
@@ -38,6 +39,12 @@ cdef struct Half:
     size_t len
     uint64_t nbytes
     int done  # EOF read and shutdown(dst, SHUT_WR) done
+    # Splicing (Relay(splice=True)): a half that moves bulk sends its bytes src -> pipe ->
+    # dst, never through user space. The pipe is held only while the half splices.
+    int splicing  # 1 while splicing, -1 when splice() is not supported for this half
+    int has_pipe
+    int pipe[2]
+    size_t inpipe  # bytes in the pipe, not yet sent on
 
 
 cdef struct Pair:
@@ -91,6 +98,9 @@ cdef struct WorkerState:
     size_t bufsize
     char **pool
     int npool
+    int splice  # halves that move bulk splice through a pipe
+    int pipes[2 * POOL_KEEP]  # spare empty pipes, read and write end
+    int npipes
     # Finished pairs wait here for collect(), which swaps `done` with `spare` under
     # out_lock: the worker never needs the GIL to report.
     c.pthread_mutex_t out_lock

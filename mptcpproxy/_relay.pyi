@@ -7,8 +7,11 @@
 from mptcpproxy._results import Result, WorkerStats
 
 class Relay:
-    def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0) -> None:
-        """Start `workers` threads. `idle_timeout` > 0 closes pairs idle that long."""
+    def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
+                 splice: bool = False) -> None:
+        """Start `workers` threads. `idle_timeout` > 0 closes pairs idle that long.
+        `splice`: a direction that reads 64 KiB or more at once moves by splice() through a
+        pipe until a turn moves less (bulk never copied to user space)."""
     @property
     def notify_fd(self) -> int:
         """Readable when finished pairs wait in collect(); never read it yourself."""

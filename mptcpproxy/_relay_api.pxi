@@ -11,9 +11,10 @@ cdef class _Worker:
         self.w.wakefd = -1
         self.w.listenfd = -1
 
-    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd):
+    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd, bint splice):
         cdef c.epoll_event ev
         self.w.notifyfd = notifyfd
+        self.w.splice = splice
         self.w.bufsize = bufsize
         self.w.idle_ns = <int64_t>(idle_timeout * NS)
         c.pthread_mutex_init(&self.w.lock, NULL)
@@ -124,6 +125,8 @@ cdef class _Worker:
             c.close(self.w.wakefd)
         for i in range(self.w.npool):
             free(self.w.pool[i])
+        for i in range(2 * self.w.npipes):
+            c.close(self.w.pipes[i])
         free(self.w.pool)
         free(self.w.scratch)
         free(self.w.done)
@@ -144,7 +147,8 @@ cdef class Relay:
     def __cinit__(self):
         self._notifyfd = -1
 
-    def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0):
+    def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0,
+                 bint splice=False):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
@@ -155,7 +159,7 @@ cdef class Relay:
             raise OSError(c.errno, os.strerror(c.errno))
         self._workers = []
         for _ in range(workers):
-            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd))
+            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd, splice))
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")

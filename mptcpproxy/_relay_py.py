@@ -4,6 +4,7 @@ extension is absent and as the test oracle. Keep the two in step."""
 from __future__ import annotations
 
 import errno as E
+import fcntl
 import itertools
 import os
 import select
@@ -28,6 +29,9 @@ from mptcpproxy.sockets import MPTCP_INFO, SOL_MPTCP, TCP_IS_MPTCP
 
 READ_BUDGET = 16
 ACCEPT_BATCH = 64
+POOL_KEEP = 8  # spare empty pipes a worker keeps
+SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 NOTIFY_S = 0.02  # the longest a finished pair waits to be reported: fewer wake-ups
 _OUT_OF_RESOURCES = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
 _ids = itertools.count(1)  # connection ids, shared by every relay (next() holds the GIL)
@@ -42,7 +46,7 @@ class _Pair:
     __slots__ = (
         "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
         "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
-        "connecting", "client",
+        "connecting", "client", "splicing", "pipe", "inpipe",
     )
 
     def __init__(self, socks: list, conn_id: int, mptcp_side: int,
@@ -54,6 +58,9 @@ class _Pair:
         self.writable = [False, False]
         self.rdhup = [False, False]  # FIN (or an error) signalled: read on until EOF
         self.pending = [b"", b""]  # per half: bytes the destination would not take
+        self.splicing = [0, 0]  # per half: 1 splicing, -1 splice() not supported here
+        self.pipe: list[tuple[int, int] | None] = [None, None]  # held while splicing
+        self.inpipe = [0, 0]  # bytes in the pipe, not yet sent on
         self.nbytes = [0, 0]
         self.done = [False, False]
         self.conn_id = conn_id
@@ -80,8 +87,11 @@ class _Pair:
 
 
 class _Worker:
-    def __init__(self, bufsize: int, idle_timeout: float, notify_fd: int, results: deque):
+    def __init__(self, bufsize: int, idle_timeout: float, notify_fd: int, results: deque,
+                 splice: bool = False):
         self.bufsize = bufsize
+        self.splice = splice
+        self.pipes: list[tuple[int, int]] = []  # spare empty pipes
         self.idle = idle_timeout
         self.notify_fd = notify_fd
         self.results = results
@@ -119,6 +129,10 @@ class _Worker:
         self.thread.join()
         self.ep.close()
         os.close(self.wake_fd)
+        for fds in self.pipes:
+            os.close(fds[0])
+            os.close(fds[1])
+        self.pipes = []
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -301,6 +315,10 @@ class _Worker:
         """Move bytes from side h to side 1-h; False when the pair was closed."""
         if pair.done[h]:
             return True
+        if pair.splicing[h] > 0:
+            spliced = self._splice_half(pair, h, now, READ_BUDGET, 0)
+            if spliced is not None:
+                return spliced
         src, dst, d = pair.socks[h], pair.socks[1 - h], 1 - h
         if pair.pending[h]:
             if not pair.writable[d]:
@@ -312,9 +330,7 @@ class _Worker:
                 return True
             except OSError as exc:
                 return self._fail(pair, exc.errno or 0)
-            pair.nbytes[h] += sent
-            self.nbytes += sent
-            pair.last = now  # a slow reader draining what is pending is not idle
+            self._moved(pair, h, sent, now)  # a slow reader draining is not idle
             pair.pending[h] = pair.pending[h][sent:]
             if pair.pending[h]:
                 pair.writable[d] = False
@@ -322,9 +338,7 @@ class _Worker:
         budget = READ_BUDGET
         while pair.readable[h]:
             if budget == 0:
-                if not pair.queued:
-                    pair.queued = True
-                    self.ready.append(pair)
+                self._requeue(pair)
                 return True
             budget -= 1
             try:
@@ -337,13 +351,7 @@ class _Worker:
             except OSError as exc:
                 return self._fail(pair, exc.errno or 0)
             if not data:
-                pair.sample_mptcp()
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # a reset destination shows up as EPOLLERR
-                pair.done[h] = True
-                pair.readable[h] = False
+                self._eof(pair, h)
                 return True
             pair.last = now
             sent = 0
@@ -354,15 +362,122 @@ class _Worker:
                     sent = 0
                 except OSError as exc:
                     return self._fail(pair, exc.errno or 0)
-                pair.nbytes[h] += sent
-                self.nbytes += sent
+                self._moved(pair, h, sent, now)
             if sent < len(data):
                 pair.pending[h] = data[sent:]
                 pair.writable[d] = False
                 return True
+            if (len(data) >= SPLICE_MIN and self.splice and pair.splicing[h] == 0
+                    and self._pipe_get(pair, h)):
+                pair.splicing[h] = 1  # bulk: splice the rest of this burst and what follows
+                spliced = self._splice_half(pair, h, now, budget, len(data))
+                if spliced is not None:
+                    return spliced
+                continue
             if len(data) < self.bufsize and not pair.rdhup[h]:
                 pair.readable[h] = False  # a short read emptied the socket (see _relay.pyx)
         return True
+
+    def _moved(self, pair: _Pair, h: int, n: int, now: float) -> None:
+        pair.nbytes[h] += n
+        self.nbytes += n
+        pair.last = now
+
+    def _requeue(self, pair: _Pair) -> None:
+        # Out of read budget: another turn after everyone else.
+        if not pair.queued:
+            pair.queued = True
+            self.ready.append(pair)
+
+    def _eof(self, pair: _Pair, h: int) -> None:
+        # Nothing is pending for the destination: half-close it now.
+        pair.sample_mptcp()
+        try:
+            pair.socks[1 - h].shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # a reset destination shows up as EPOLLERR
+        pair.done[h] = True
+        pair.readable[h] = False
+
+    def _splice_half(self, pair: _Pair, h: int, now: float, budget: int,
+                     moved: int) -> bool | None:
+        """A splicing half: src -> pipe -> dst. As _pump_half; None when splice() is not
+        supported here (the caller copies). A short splice() does not mean the socket is
+        empty, so it reads on to EAGAIN (see _relay.pyx)."""
+        src, dst, d = pair.socks[h].fileno(), pair.socks[1 - h].fileno(), 1 - h
+        rd, wr = pair.pipe[h]
+        while True:
+            if pair.inpipe[h]:
+                if not pair.writable[d]:
+                    return True
+                try:
+                    n = os.splice(rd, dst, pair.inpipe[h], flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    pair.writable[d] = False
+                    return True
+                except OSError as exc:
+                    return self._fail(pair, exc.errno or 0)
+                self._moved(pair, h, n, now)
+                pair.inpipe[h] -= n
+                if pair.inpipe[h]:
+                    pair.writable[d] = False  # the destination is full: wait for EPOLLOUT
+                    return True
+            if not pair.readable[h]:
+                break
+            if budget == 0:
+                self._requeue(pair)
+                return True
+            budget -= 1
+            try:
+                n = os.splice(src, wr, self.bufsize, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                pair.readable[h] = False
+                break
+            except OSError as exc:
+                if exc.errno in (E.EINVAL, E.ENOSYS):
+                    pair.splicing[h] = -1  # nothing was moved: copy this half from now on
+                    self._pipe_put(pair, h)
+                    return None
+                return self._fail(pair, exc.errno or 0)
+            if n == 0:
+                self._eof(pair, h)
+                break
+            pair.inpipe[h] = n
+            moved += n
+            pair.last = now
+        if moved < SPLICE_MIN or pair.done[h]:
+            pair.splicing[h] = 0  # the bulk is over: copy again, give the pipe back
+            self._pipe_put(pair, h)
+        return True
+
+    def _pipe_get(self, pair: _Pair, h: int) -> bool:
+        if self.pipes:
+            pair.pipe[h] = self.pipes.pop()
+        else:
+            try:
+                fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                return False  # out of fds: this half copies
+            try:
+                fcntl.fcntl(fds[1], fcntl.F_SETPIPE_SZ, self.bufsize)
+            except OSError:
+                pass  # the kernel's default size then
+            pair.pipe[h] = fds
+        pair.inpipe[h] = 0
+        return True
+
+    def _pipe_put(self, pair: _Pair, h: int) -> None:
+        # An empty pipe goes back to the pool; one still holding bytes is closed with them.
+        fds = pair.pipe[h]
+        if fds is None:
+            return
+        if pair.inpipe[h] == 0 and len(self.pipes) < POOL_KEEP:
+            self.pipes.append(fds)
+        else:
+            os.close(fds[0])
+            os.close(fds[1])
+        pair.pipe[h] = None
+        pair.inpipe[h] = 0
 
     def _fail(self, pair: _Pair, err: int) -> bool:
         self._finish(pair, RESET if err in (E.ECONNRESET, E.EPIPE) else ERROR, err)
@@ -384,6 +499,8 @@ class _Worker:
             sock.close()  # also leaves the epoll set
         pair.dead = True
         pair.pending = [b"", b""]
+        self._pipe_put(pair, 0)
+        self._pipe_put(pair, 1)
         self.finished += 1
         self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
@@ -398,7 +515,8 @@ class _Worker:
 class Relay:
     """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
 
-    def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0):
+    def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
+                 splice: bool = False):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
@@ -406,7 +524,7 @@ class Relay:
         self._results: deque[Result] = deque()
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._workers = [
-            _Worker(bufsize, idle_timeout, self._notify_fd, self._results)
+            _Worker(bufsize, idle_timeout, self._notify_fd, self._results, splice)
             for _ in range(workers)
         ]
         self._closed = False

@@ -16,6 +16,8 @@ cdef extern from "<errno.h>" nogil:
         ENFILE
         ENOBUFS
         ENOMEM
+        EINVAL
+        ENOSYS
     # EWOULDBLOCK == EAGAIN on Linux: declared as int so Cython emits no duplicate case.
     int EWOULDBLOCK
 
@@ -24,6 +26,21 @@ cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    # splice(), pipe2() and F_SETPIPE_SZ need _GNU_SOURCE, which Python.h defines.
+    enum:
+        O_NONBLOCK
+        O_CLOEXEC
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+    int fcntl(int fd, int cmd, ...)
+    ssize_t splice(int fd_in, long long *off_in, int fd_out, long long *off_out,
+                   size_t len, unsigned int flags)
+    int pipe2(int fds[2], int flags)
 
 
 cdef extern from "<sys/socket.h>" nogil:

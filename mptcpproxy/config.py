@@ -113,6 +113,7 @@ class Config:
     drain_timeout: float = 30.0
     max_connections: int = 0  # 0: no limit
     buffer_size: int = 512 * 1024  # bytes a relay read takes, and the most kept per direction
+    splice: bool = False  # bulk transfers go through a pipe with splice()
     backlog: int = 4096
     # transparent mode (docs/transparent.md)
     transparent: str | None = None  # None, "redirect" or "tproxy"

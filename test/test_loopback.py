@@ -60,8 +60,9 @@ def stop_cleanly(proc) -> str:
     return proc.stderr
 
 
-def test_100_concurrent_connections_intact_over_mptcp(testbed):
-    host, server, client = chain(testbed)
+@pytest.mark.parametrize("relay_args", [(), ("--splice",)], ids=["copy", "splice"])
+def test_100_concurrent_connections_intact_over_mptcp(testbed, relay_args):
+    host, server, client = chain(testbed, server_args=relay_args, client_args=relay_args)
     monitor = host.monitor()
     report = peer(host, "clients", "127.0.0.1", str(CLIENT), "100", "7")
     assert report["failed"] == []
@@ -77,8 +78,10 @@ def test_100_concurrent_connections_intact_over_mptcp(testbed):
         assert "mptcp=no" not in log
 
 
-def test_client_half_closes_first_and_gets_the_whole_reply(testbed):
-    host, server, client = chain(testbed, "reply", str(8 << 20))
+@pytest.mark.parametrize("relay_args", [(), ("--splice",)], ids=["copy", "splice"])
+def test_client_half_closes_first_and_gets_the_whole_reply(testbed, relay_args):
+    host, server, client = chain(testbed, "reply", str(8 << 20), server_args=relay_args,
+                                 client_args=relay_args)
     assert peer(host, "ask", "127.0.0.1", str(CLIENT), str(8 << 20)) == {
         "bytes": 8 << 20, "intact": True,
     }

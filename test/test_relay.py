@@ -98,22 +98,27 @@ def test_compiled_extension_loaded():
     assert relay.Relay is _relay.Relay
 
 
+def assert_both_ways_intact(relay, chain: Chain, size: int) -> None:
+    """`size` random bytes each way at once, then EOF: all arrive in order, and the relay
+    reports the pair closed with those byte counts."""
+    sent_l, sent_r, got_l, got_r = [], [], [], []
+    run_threads(
+        (send_all, chain.left, 1, size, sent_l),
+        (send_all, chain.right, 2, size, sent_r),
+        (recv_all, chain.right, got_r),
+        (recv_all, chain.left, got_l),
+    )
+    assert got_r == [(size, sent_l[0])]
+    assert got_l == [(size, sent_r[0])]
+    (result,) = wait_results(relay)
+    assert (result.reason, result.bytes_ab, result.bytes_ba) == ("closed", size, size)
+
+
 def test_bulk_256mib_each_way_intact(engine):
     relay = engine(workers=2)
     chain = Chain(relay)
-    size = 256 * MiB
-    sent_l, sent_r, got_l, got_r = [], [], [], []
     try:
-        run_threads(
-            (send_all, chain.left, 1, size, sent_l),
-            (send_all, chain.right, 2, size, sent_r),
-            (recv_all, chain.right, got_r),
-            (recv_all, chain.left, got_l),
-        )
-        assert got_r == [(size, sent_l[0])]
-        assert got_l == [(size, sent_r[0])]
-        (result,) = wait_results(relay)
-        assert (result.reason, result.bytes_ab, result.bytes_ba) == ("closed", size, size)
+        assert_both_ways_intact(relay, chain, 256 * MiB)
     finally:
         chain.close()
         relay.close()
@@ -127,33 +132,44 @@ def _rss() -> int:
     raise AssertionError("no VmRSS")
 
 
+def send_until_blocked(sock: socket.socket) -> tuple[int, str]:
+    """Send to a peer that reads nothing until a send blocks for 0.5 s; the bytes sent and
+    their sha256. Fails if the sender was never slowed down."""
+    block = random.Random(3).randbytes(MiB)
+    sock.settimeout(0.5)
+    sent, h = 0, hashlib.sha256()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and sent < 256 * MiB:
+        try:
+            n = sock.send(block)
+        except TimeoutError:
+            break
+        h.update(block[:n])
+        sent += n
+    sock.settimeout(TIMEOUT)
+    assert sent < 64 * MiB, "the sender was never slowed down"
+    return sent, h.hexdigest()
+
+
+def assert_arrives_after_eof(chain: Chain, sent: int, digest: str) -> None:
+    """EOF from the left; the right, reading now, gets every byte sent, in order."""
+    chain.left.shutdown(socket.SHUT_WR)
+    got = []
+    recv_all(chain.right, got)
+    assert got == [(sent, digest)]
+
+
 def test_peer_that_does_not_read_bounds_memory(engine):
     relay = engine(workers=1, bufsize=64 * 1024)
     chain = Chain(relay)
-    block = random.Random(3).randbytes(MiB)
-    chain.left.settimeout(0.5)
     base = _rss()
-    sent, h = 0, hashlib.sha256()
     try:
         # The right side reads nothing: once the kernel buffers and the relay's one
         # pending chunk are full, the sender blocks instead of the proxy growing.
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and sent < 256 * MiB:
-            try:
-                n = chain.left.send(block)
-            except TimeoutError:
-                break
-            h.update(block[:n])
-            sent += n
-        assert sent < 64 * MiB, "the sender was never slowed down"
+        sent, digest = send_until_blocked(chain.left)
         time.sleep(0.3)
         assert _rss() - base < 16 * MiB
-        # Now read: every byte sent arrives, in order.
-        chain.left.settimeout(TIMEOUT)
-        chain.left.shutdown(socket.SHUT_WR)
-        got = []
-        recv_all(chain.right, got)
-        assert got == [(sent, h.hexdigest())]
+        assert_arrives_after_eof(chain, sent, digest)
     finally:
         chain.close()
         relay.close()
