@@ -217,11 +217,12 @@ class Session:
         return proc
 
 
-def _mptcpproxy(boot: list[str], env: dict[str, str]) -> Callable[[Session, int], Started]:
+def _mptcpproxy(boot: list[str], env: dict[str, str],
+                *extra: str) -> Callable[[Session, int], Started]:
     def start(s: Session, target: int) -> Started:
         port = s.port()
         argv = [*boot, "-m", "client", "-p", str(port), "-r", f"127.0.0.1:{target}",
-                "-q", "--drain-timeout", "1", "--disable-mptcp"]
+                "-q", "--drain-timeout", "1", "--disable-mptcp", *extra]
         return Started(port, [s.proxy(argv, port, "mptcpproxy", env)])
     return start
 
@@ -237,11 +238,12 @@ def _pair(s: Session, target: int) -> Started:
 
 
 SPLICE_PIPES = 1024
+BUSY_POLL_US = 50
 HAPROXY_CFG = """\
 global
     nbthread {threads}
     maxconn {maxconn}
-{pipes}
+{pipes}{busy}
 defaults
     mode tcp
     maxconn {maxconn}
@@ -265,7 +267,7 @@ SPLICE_OPTIONS = {
 }
 
 
-def _haproxy(splice: str) -> Callable[[Session, int], Started]:
+def _haproxy(splice: str, busy: bool = False) -> Callable[[Session, int], Started]:
     def start(s: Session, target: int) -> Started:
         port = s.port()
         cfg = Path(s.bed.log_dir) / f"haproxy-{port}.cfg"
@@ -274,6 +276,8 @@ def _haproxy(splice: str) -> Callable[[Session, int], Started]:
             # splicing needs 2 fds per pipe too: a fixed pool of pipes, fewer connections
             maxconn=max_relayed() - (SPLICE_PIPES if splice else 0),
             pipes=f"    maxpipes {SPLICE_PIPES}" if splice else "",
+            # its pollers never sleep (a null timeout), on every thread, idle or not
+            busy="    busy-polling" if busy else "",
             splice=SPLICE_OPTIONS[splice]))
         return Started(port, [s.proxy(["haproxy", "-db", "-f", str(cfg)], port, "haproxy")])
     return start
@@ -308,14 +312,21 @@ class Peer:
     start: Callable[[Session, int], Started] | None  # None: no proxy
     needs: str | None = None  # a program that must be installed
     max_hold: int = 1 << 30  # the most idle connections it is asked to hold
+    groups: tuple[str, ...] = ()  # the only measurement groups it takes part in; (): all
+    spins: bool = False  # busy even when idle: stopped as soon as it was measured
 
 
 PEERS = [
     Peer("direct", None),
     Peer("tcp", _mptcpproxy(PROXY, PROXY_ENV)),
+    # the set-ups a user picks for bulk (less CPU per byte) and for latency
+    Peer("tcp-splice", _mptcpproxy(PROXY, PROXY_ENV, "--splice"), groups=("tput",)),
+    Peer("tcp-busy", _mptcpproxy(PROXY, PROXY_ENV, f"--busy-poll={BUSY_POLL_US}"),
+         groups=("echo",)),
     Peer("pair", _pair),
     Peer("py", _mptcpproxy(TWIN, TWIN_ENV)),
     Peer("haproxy", _haproxy(""), "haproxy"),
+    Peer("haproxy-busy", _haproxy("", busy=True), "haproxy", groups=("echo",), spins=True),
     # their pipes take fds that 10,000 connections need; idle, they are the same as HAProxy
     Peer("haproxy-splice", _haproxy("auto"), "haproxy", max_hold=1000),
     Peer("haproxy-splice-forced", _haproxy("forced"), "haproxy", max_hold=1000),
@@ -532,27 +543,32 @@ def loopback_run(s: Session, order: list[Peer], rec: Recorder, run: int) -> None
     def start(peer: Peer, target: int) -> None:
         running[peer.key, target] = peer.start(s, target) if peer.start else Started(target)
 
-    steps: list[tuple[str, int, Callable[..., None], tuple]] = []
+    steps: list[tuple[str, str, int, Callable[..., None], tuple]] = []
     if "tput" in groups:
-        steps += [("1 stream", IPERF_PORT, measure_tput, (1,)),
-                  ("8 streams", IPERF_PORT, measure_tput, (8,))]
+        steps += [("tput", "1 stream", IPERF_PORT, measure_tput, (1,)),
+                  ("tput", "8 streams", IPERF_PORT, measure_tput, (8,))]
     if "echo" in groups or "echo-pingpong" in groups:
-        steps.append(("ping-pong", ECHO_PORT, measure_pingpong, ()))
+        steps.append(("echo", "ping-pong", ECHO_PORT, measure_pingpong, ()))
     if "echo" in groups and shutil.which("taskset"):
-        steps.append(("ping-pong on one CPU", ECHO_PORT, measure_pingpong_one_cpu, ()))
+        steps.append(("echo", "ping-pong on one CPU", ECHO_PORT, measure_pingpong_one_cpu, ()))
     if "echo" in groups:
-        steps += [("connection rate", ECHO_PORT, measure_connrate, ()),
-                  ("burst", ECHO_PORT, measure_burst, ())]
+        steps += [("echo", "connection rate", ECHO_PORT, measure_connrate, ()),
+                  ("echo", "burst", ECHO_PORT, measure_burst, ())]
     try:
-        for what, target, fn, extra in steps:
+        for group, what, target, fn, extra in steps:
             s.serve(target)
             for peer in order:
+                if peer.groups and group not in peer.groups:
+                    continue
                 if (peer.key, target) not in running:
                     running[peer.key, target] = None
                     guarded("start", peer, start, peer, target)
                 st = running[peer.key, target]
                 if st is not None:
                     guarded(what, peer, fn, s, peer, st, rec, run, *extra)
+                    if peer.spins:  # it would take CPU from the others' measurements
+                        st.stop()
+                        del running[peer.key, target]
                     time.sleep(0.3)  # closing connections settle between peers
     finally:
         for st in running.values():
@@ -562,7 +578,8 @@ def loopback_run(s: Session, order: list[Peer], rec: Recorder, run: int) -> None
         s.serve(ECHO_PORT)
         for wanted in s.plan.holds:
             for peer in order:
-                if peer.start is not None and wanted <= peer.max_hold:
+                if (peer.start is not None and wanted <= peer.max_hold
+                        and (not peer.groups or "hold" in peer.groups)):
                     guarded(f"hold {wanted}", peer, measure_hold, s, peer, rec, run, wanted)
 
 

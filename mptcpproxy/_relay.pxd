@@ -99,6 +99,8 @@ cdef struct WorkerState:
     char **pool
     int npool
     int splice  # halves that move bulk splice through a pipe
+    int64_t busy_ns  # poll without sleeping for this long after the last event (0: never)
+    int64_t last_event
     int pipes[2 * POOL_KEEP]  # spare empty pipes, read and write end
     int npipes
     # Finished pairs wait here for collect(), which swaps `done` with `spare` under

@@ -8,8 +8,10 @@ from mptcpproxy._results import Result, WorkerStats
 
 class Relay:
     def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
-                 splice: bool = False) -> None:
+                 splice: bool = False, busy_poll: float = 0.0) -> None:
         """Start `workers` threads. `idle_timeout` > 0 closes pairs idle that long.
+        `busy_poll` > 0: a worker polls without sleeping for that many seconds after each
+        event (lower latency, a busy CPU while traffic flows).
         `splice`: a direction that reads 64 KiB or more at once moves by splice() through a
         pipe until a turn moves less (bulk never copied to user space)."""
     @property

@@ -437,8 +437,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
     cdef int soerr
     cdef c.socklen_t slen
     while True:
-        if w.ready != NULL:
-            timeout = 0
+        if w.ready != NULL or w.now - w.last_event < w.busy_ns:
+            timeout = 0  # more to do, or busy polling: the next event is handled unslept
         elif w.pairs != NULL or (w.want_listen and not w.listening):
             timeout = 250
         else:
@@ -454,6 +454,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             c.write(w.notifyfd, &one, sizeof(one))
             return -1
         w.now = now_ns()
+        if n > 0:
+            w.last_event = w.now
         for i in range(n):
             if events[i].data.ptr == NULL:
                 take_incoming(w)

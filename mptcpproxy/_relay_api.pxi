@@ -11,10 +11,13 @@ cdef class _Worker:
         self.w.wakefd = -1
         self.w.listenfd = -1
 
-    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd, bint splice):
+    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd, bint splice,
+                 double busy_poll):
         cdef c.epoll_event ev
         self.w.notifyfd = notifyfd
         self.w.splice = splice
+        self.w.busy_ns = <int64_t>(busy_poll * NS)
+        self.w.last_event = -self.w.busy_ns - 1
         self.w.bufsize = bufsize
         self.w.idle_ns = <int64_t>(idle_timeout * NS)
         c.pthread_mutex_init(&self.w.lock, NULL)
@@ -148,7 +151,7 @@ cdef class Relay:
         self._notifyfd = -1
 
     def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0,
-                 bint splice=False):
+                 bint splice=False, double busy_poll=0.0):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
@@ -159,7 +162,8 @@ cdef class Relay:
             raise OSError(c.errno, os.strerror(c.errno))
         self._workers = []
         for _ in range(workers):
-            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd, splice))
+            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd, splice,
+                                          busy_poll))
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")

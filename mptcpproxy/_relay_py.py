@@ -88,9 +88,10 @@ class _Pair:
 
 class _Worker:
     def __init__(self, bufsize: int, idle_timeout: float, notify_fd: int, results: deque,
-                 splice: bool = False):
+                 splice: bool = False, busy_poll: float = 0.0):
         self.bufsize = bufsize
         self.splice = splice
+        self.busy_poll = busy_poll  # poll without sleeping this long after the last event
         self.pipes: list[tuple[int, int]] = []  # spare empty pipes
         self.idle = idle_timeout
         self.notify_fd = notify_fd
@@ -137,14 +138,20 @@ class _Worker:
     # -- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_scan = 0.0
+        next_scan = now = 0.0
+        last_event = -self.busy_poll - 1
         while True:
             busy = self.pairs or (self.want_listen and not self.listening)
-            timeout = 0 if self.ready else 0.25 if busy else -1
+            if self.ready or now - last_event < self.busy_poll:
+                timeout = 0  # more to do, or busy polling: the next event is handled unslept
+            else:
+                timeout = 0.25 if busy else -1
             if self.notify_pending and not 0 <= timeout <= NOTIFY_S:
                 timeout = NOTIFY_S
             events = self.ep.poll(timeout)
             now = time.monotonic()
+            if events:
+                last_event = now
             for fd, ev in events:
                 if fd == self.wake_fd:
                     self._take_incoming(now)
@@ -516,7 +523,7 @@ class Relay:
     """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
 
     def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
-                 splice: bool = False):
+                 splice: bool = False, busy_poll: float = 0.0):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
@@ -524,7 +531,7 @@ class Relay:
         self._results: deque[Result] = deque()
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._workers = [
-            _Worker(bufsize, idle_timeout, self._notify_fd, self._results, splice)
+            _Worker(bufsize, idle_timeout, self._notify_fd, self._results, splice, busy_poll)
             for _ in range(workers)
         ]
         self._closed = False

@@ -93,7 +93,8 @@ class Proxy:
             )
         except OSError as exc:
             raise StartupError(self._listen_error(exc)) from None
-        self.relay = Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice)
+        self.relay = Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
+                           cfg.busy_poll)
         if cfg.metrics is not None:
             try:
                 self.metrics_server = await start_metrics_server(

@@ -43,11 +43,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *wo
         (["-m", "client", "-p", "5555", "-r", "h:1", "--workers", "0"], ["--workers"]),
         (["-m", "client", "-p", "5555", "-r", "h:1", "--buffer-size", "0"], ["--buffer-size"]),
         (["-m", "client", "-p", "5555", "-r", "h:1", "--connect-timeout", "-1"], ["timeout"]),
+        (["-m", "client", "-p", "5555", "-r", "h:1", "--busy-poll", "-5"],
+         ["--busy-poll", "-5", "at least 0"]),
         (["-m", "client", "-p", "5555", "-r", "h:1", "-v", "-q"], ["-q", "-v"]),
     ],
     ids=["no-mode", "bad-mode", "port-0", "port-70000", "port-name", "no-port",
          "v6-no-brackets", "v6-no-port", "workers-0", "buffer-0", "negative-timeout",
-         "verbose-quiet"],
+         "busy-poll-negative", "verbose-quiet"],
 )
 def test_usage_errors_exit_2_with_one_line(args, words):
     assert_one_line_error(proxy(*args), 2, *words)

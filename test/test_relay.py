@@ -471,3 +471,28 @@ def test_pairs_reset_mid_transfer_leave_the_others_intact(engine):
         assert corrupted == []
     finally:
         relay.close()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_busy_poll_relays_and_stops_polling_once_idle(engine):
+    # --busy-poll: the worker polls on without sleeping for a while after each event,
+    # never longer: an idle proxy must not keep a CPU busy.
+    relay = engine(workers=1, busy_poll=0.05)
+    chain = Chain(relay, tcp_pair)
+    try:
+        for i in range(200):
+            chain.left.sendall(b"q%d" % i)
+            assert chain.right.recv(100) == b"q%d" % i
+            chain.right.sendall(b"a%d" % i)
+            assert chain.left.recv(100) == b"a%d" % i
+        time.sleep(0.2)  # past the 50 ms of polling after the last event
+        before = _cpu_seconds()
+        time.sleep(1.0)
+        assert _cpu_seconds() - before < 0.2, "the relay kept polling while idle"
+    finally:
+        chain.close()
+        relay.close()
