@@ -1,0 +1,130 @@
+# Included by _relay.pyx: accept() and the upstream connect() inside the worker, the fast
+# path for a fixed upstream address (Relay.listen). The control plane keeps everything
+# that needs a decision per connection (transparent mode, names to resolve, limits).
+
+cdef uint64_t next_conn_id = 1  # shared by every relay in the process, taken atomically
+
+
+cdef inline uint64_t new_conn_id() noexcept nogil:
+    return c.__atomic_fetch_add(&next_conn_id, 1, c.__ATOMIC_RELAXED)
+
+
+cdef void sync_listener(WorkerState *w) noexcept nogil:
+    # Make the epoll set hold the listener exactly when the control plane wants it and
+    # accepting is not paused. EPOLLEXCLUSIVE: one worker is woken per new connection.
+    cdef c.epoll_event ev
+    if w.want_listen and not w.listening and w.now >= w.resume_ns:
+        ev.events = c.EPOLLIN | c.EPOLLEXCLUSIVE
+        ev.data.ptr = <void *>w
+        if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, w.listenfd, &ev) == 0:
+            w.listening = 1
+    elif w.listening and (not w.want_listen or w.now < w.resume_ns):
+        ev.events = 0
+        c.epoll_ctl(w.epfd, c.EPOLL_CTL_DEL, w.listenfd, &ev)
+        w.listening = 0
+
+
+cdef void keep_client_address(Pair *p, c.sockaddr_storage *ss) noexcept nogil:
+    cdef c.sockaddr_in *sin
+    cdef c.sockaddr_in6 *sin6
+    p.client_family = ss.ss_family
+    if ss.ss_family == c.AF_INET:
+        sin = <c.sockaddr_in *>ss
+        p.client_port = c.ntohs(sin.sin_port)
+        memcpy(p.client_addr, &sin.sin_addr, 4)
+    elif ss.ss_family == c.AF_INET6:
+        sin6 = <c.sockaddr_in6 *>ss
+        p.client_port = c.ntohs(sin6.sin6_port)
+        memcpy(p.client_addr, &sin6.sin6_addr, 16)
+
+
+cdef void accept_some(WorkerState *w) noexcept nogil:
+    cdef c.sockaddr_storage ss
+    cdef c.socklen_t sslen
+    cdef int cfd, ufd, err, i, rc
+    cdef Pair *p
+    for i in range(ACCEPT_BATCH):
+        sslen = sizeof(ss)
+        cfd = c.accept4(w.listenfd, <c.sockaddr *>&ss, &sslen,
+                        c.SOCK_NONBLOCK | c.SOCK_CLOEXEC)
+        if cfd < 0:
+            err = c.errno
+            if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
+                # Out of fds or memory: leave the listener alone for 100 ms, not spin on it.
+                w.accept_errors += 1
+                w.resume_ns = w.now + NS // 10
+                sync_listener(w)
+                if put_done(w, R_ACCEPT_ERROR, err) != NULL:
+                    c.pthread_mutex_unlock(&w.out_lock)
+                return
+            if err == c.EAGAIN:
+                return
+            continue  # ECONNABORTED and the like: that client is gone already
+        w.accepted += 1
+        p = <Pair *>calloc(1, sizeof(Pair))
+        if p == NULL:
+            c.close(cfd)
+            continue
+        p.side[0].fd = cfd
+        p.side[1].fd = -1
+        p.side[0].pair = p
+        p.side[1].pair = p
+        p.conn_id = new_conn_id()
+        p.mptcp_side = w.up_mptcp_side
+        p.start_ns = now_ns()
+        keep_client_address(p, &ss)
+        c.pthread_mutex_lock(&w.lock)
+        w.total += 1
+        c.pthread_mutex_unlock(&w.lock)
+        p.next = w.pairs
+        if w.pairs != NULL:
+            w.pairs.prev = p
+        w.pairs = p
+        ufd = c.socket(w.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
+                       w.up_proto)
+        if ufd < 0:
+            err = c.errno
+            finish(w, p, R_FAILED, err)
+            if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
+                # No fd for the upstream: accept no more clients we cannot serve for now.
+                w.accept_errors += 1
+                w.resume_ns = w.now + NS // 10
+                sync_listener(w)
+                return
+            continue
+        p.side[1].fd = ufd
+        if w.mark:
+            c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &w.mark, sizeof(w.mark))
+        rc = c.connect(ufd, <c.sockaddr *>&w.up_addr, w.up_len)
+        err = c.errno
+        if rc != 0 and err != c.EINPROGRESS:
+            finish(w, p, R_FAILED, err)
+            continue
+        p.connecting = 1  # even when connect() is done already: EPOLLOUT follows at once
+        register(w, p)
+
+
+cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept nogil:
+    # An event on a pair whose upstream is still connecting. Returns 1 while nothing may
+    # move yet (the client's readiness is kept in its Side for later), 0 once connected.
+    cdef int soerr = 0
+    cdef int one = 1
+    cdef c.socklen_t slen = sizeof(soerr)
+    if s == &p.side[0]:
+        if ev & c.EPOLLERR:
+            c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
+            if soerr:
+                fail(w, p, soerr)  # the client gave up while we were connecting
+        return 1
+    if not ev & (c.EPOLLOUT | c.EPOLLERR | c.EPOLLHUP):
+        return 1
+    c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
+    if soerr:
+        finish(w, p, R_FAILED, soerr)
+        return 1
+    p.connecting = 0
+    # A relay must not add Nagle's delay on top of the application's own choice.
+    c.setsockopt(p.side[0].fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
+    c.setsockopt(p.side[1].fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
+    sample_mptcp(p)
+    return 0

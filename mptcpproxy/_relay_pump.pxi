@@ -1,0 +1,229 @@
+# Included by _relay.pyx: moving the bytes of one pair, by recv()/send() through the
+# worker's scratch buffer, or by splice() through a pipe for bulk (Relay(splice=True)).
+
+cdef char *pool_get(WorkerState *w) noexcept nogil:
+    if w.npool > 0:
+        w.npool -= 1
+        return w.pool[w.npool]
+    return <char *>malloc(w.bufsize)
+
+
+cdef void pool_put(WorkerState *w, char *buf) noexcept nogil:
+    if buf == NULL:
+        return
+    if w.npool < POOL_KEEP:
+        w.pool[w.npool] = buf
+        w.npool += 1
+    else:
+        free(buf)
+
+
+cdef int pipe_get(WorkerState *w, Half *hf) noexcept nogil:
+    # An empty pipe for a half that starts splicing; -1 when there is none (out of fds).
+    if w.npipes > 0:
+        w.npipes -= 1
+        hf.pipe[0] = w.pipes[2 * w.npipes]
+        hf.pipe[1] = w.pipes[2 * w.npipes + 1]
+    else:
+        if c.pipe2(hf.pipe, c.O_NONBLOCK | c.O_CLOEXEC) != 0:
+            return -1
+        # As large as a read, if the kernel allows it (else the default 64 KiB).
+        c.fcntl(hf.pipe[1], c.F_SETPIPE_SZ, <int>w.bufsize)
+    hf.has_pipe = 1
+    hf.inpipe = 0
+    return 0
+
+
+cdef void pipe_put(WorkerState *w, Half *hf) noexcept nogil:
+    # An empty pipe goes back to the pool; one still holding bytes is closed with them.
+    if not hf.has_pipe:
+        return
+    if hf.inpipe == 0 and w.npipes < POOL_KEEP:
+        w.pipes[2 * w.npipes] = hf.pipe[0]
+        w.pipes[2 * w.npipes + 1] = hf.pipe[1]
+        w.npipes += 1
+    else:
+        c.close(hf.pipe[0])
+        c.close(hf.pipe[1])
+    hf.has_pipe = 0
+    hf.inpipe = 0
+
+
+
+
+cdef inline void moved_on(WorkerState *w, Pair *p, int h, ssize_t n) noexcept nogil:
+    # n bytes of half h reached their destination.
+    p.half[h].nbytes += n
+    w.nbytes += n
+    p.last_ns = w.now
+
+
+cdef inline void requeue(WorkerState *w, Pair *p) noexcept nogil:
+    # Out of read budget: another turn after everyone else.
+    if not p.queued:
+        p.queued = 1
+        p.ready_next = w.ready
+        w.ready = p
+
+
+cdef void half_eof(Pair *p, int h) noexcept nogil:
+    # EOF from side h: nothing is pending for the other side, so half-close it now.
+    sample_mptcp(p)
+    c.shutdown(p.side[1 - h].fd, c.SHUT_WR)
+    p.half[h].done = 1
+    p.side[h].readable = 0
+
+
+cdef int splice_half(WorkerState *w, Pair *p, int h, int budget, size_t moved) noexcept nogil:
+    # A splicing half: src -> pipe -> dst, the bytes never copied to user space. Returns -1
+    # when the pair was closed, 1 when splice() is not supported here (the caller copies).
+    # Unlike a short recv(), a short splice() does not mean the socket is empty (the pipe
+    # also fills by its slots, one per packet fragment), so it reads on to EAGAIN.
+    cdef Side *src = &p.side[h]
+    cdef Side *dst = &p.side[1 - h]
+    cdef Half *hf = &p.half[h]
+    cdef ssize_t n
+    cdef int err
+    while True:
+        if hf.inpipe > 0:
+            if not dst.writable:
+                return 0
+            n = c.splice(hf.pipe[0], NULL, dst.fd, NULL, hf.inpipe,
+                         c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+            err = c.errno
+            if n < 0:
+                if err == c.EAGAIN or err == c.EINTR:
+                    dst.writable = 0
+                    return 0
+                fail(w, p, err)
+                return -1
+            moved_on(w, p, h, n)
+            hf.inpipe -= n
+            if hf.inpipe > 0:
+                dst.writable = 0  # the destination is full: wait for EPOLLOUT
+                return 0
+        if not src.readable:
+            break
+        if budget == 0:
+            requeue(w, p)
+            return 0
+        budget -= 1
+        n = c.splice(src.fd, NULL, hf.pipe[1], NULL, w.bufsize,
+                     c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        err = c.errno
+        if n > 0:
+            hf.inpipe = n
+            moved += n
+            p.last_ns = w.now
+        elif n == 0:
+            half_eof(p, h)
+            break
+        elif err == c.EAGAIN:
+            src.readable = 0
+            break
+        elif err == c.EINVAL or err == c.ENOSYS:
+            hf.splicing = -1  # nothing was moved: copy this half from now on
+            pipe_put(w, hf)
+            return 1
+        elif err != c.EINTR:
+            fail(w, p, err)
+            return -1
+    # The pipe is empty here. A turn that moved little ends the bulk: copy again (a short
+    # recv() saves the call that only says EAGAIN) and give the pipe back.
+    if moved < SPLICE_MIN or hf.done:
+        hf.splicing = 0
+        pipe_put(w, hf)
+    return 0
+
+
+cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
+    # Returns -1 when the pair was closed.
+    cdef Side *src = &p.side[h]
+    cdef Side *dst = &p.side[1 - h]
+    cdef Half *hf = &p.half[h]
+    cdef ssize_t n, s
+    cdef int err, rc, budget = READ_BUDGET
+    if hf.done:
+        return 0
+    if hf.splicing > 0:
+        rc = splice_half(w, p, h, budget, 0)
+        if rc != 1:
+            return rc
+    if hf.len > 0:
+        if not dst.writable:
+            return 0
+        s = c.send(dst.fd, hf.buf + hf.off, hf.len, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        err = c.errno
+        if s < 0:
+            if err == c.EAGAIN or err == c.EINTR:
+                dst.writable = 0
+                return 0
+            fail(w, p, err)
+            return -1
+        moved_on(w, p, h, s)  # a slow reader draining what is pending is not idle
+        hf.off += s
+        hf.len -= s
+        if hf.len > 0:
+            dst.writable = 0  # a short send: the destination is full, wait for EPOLLOUT
+            return 0
+        pool_put(w, hf.buf)
+        hf.buf = NULL
+        hf.off = 0
+    # Backpressure: the source is read only while nothing is pending for the destination.
+    while src.readable:
+        if budget == 0:
+            requeue(w, p)
+            return 0
+        budget -= 1
+        n = c.recv(src.fd, w.scratch, w.bufsize, c.MSG_DONTWAIT)
+        err = c.errno
+        if n > 0:
+            p.last_ns = w.now
+            s = 0
+            if dst.writable:
+                s = c.send(dst.fd, w.scratch, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+                err = c.errno
+                if s < 0:
+                    if err != c.EAGAIN and err != c.EINTR:
+                        fail(w, p, err)
+                        return -1
+                    s = 0
+                moved_on(w, p, h, s)
+            if s < n:
+                hf.buf = pool_get(w)
+                if hf.buf == NULL:
+                    fail(w, p, 12)  # ENOMEM: the bytes read cannot be kept
+                    return -1
+                memcpy(hf.buf, w.scratch + s, n - s)
+                hf.off = 0
+                hf.len = n - s
+                dst.writable = 0
+                return 0
+            if <size_t>n >= SPLICE_MIN and w.splice and hf.splicing == 0 and pipe_get(w, hf) == 0:
+                # Bulk: splice the rest of this burst and what follows.
+                hf.splicing = 1
+                rc = splice_half(w, p, h, budget, n)
+                if rc != 1:
+                    return rc
+                continue
+            if <size_t>n < w.bufsize and not src.rdhup:
+                # A short read emptied the socket (TCP, MPTCP and AF_UNIX all copy all
+                # they hold): new bytes bring a new edge, so skip the recv that would
+                # only say EAGAIN. Once a FIN is signalled, read on until the EOF.
+                src.readable = 0
+        elif n == 0:
+            half_eof(p, h)
+            return 0
+        elif err == c.EAGAIN:
+            src.readable = 0
+        elif err != c.EINTR:
+            fail(w, p, err)
+            return -1
+    return 0
+
+
+cdef void pump(WorkerState *w, Pair *p) noexcept nogil:
+    if pump_half(w, p, 0) < 0 or pump_half(w, p, 1) < 0:
+        return
+    if p.half[0].done and p.half[1].done:
+        finish(w, p, R_CLOSED, 0)
