@@ -4,7 +4,6 @@ extension is absent and as the test oracle. Keep the two in step."""
 from __future__ import annotations
 
 import errno as E
-import fcntl
 import itertools
 import os
 import select
@@ -14,10 +13,10 @@ import threading
 import time
 from collections import deque
 
+from mptcpproxy._relay_py_pump import Pump, _Pair
 from mptcpproxy._results import (
     ABORTED,
     ACCEPT_ERROR,
-    CLOSED,
     ERROR,
     FAILED,
     RESET,
@@ -25,13 +24,8 @@ from mptcpproxy._results import (
     Result,
     WorkerStats,
 )
-from mptcpproxy.sockets import MPTCP_INFO, SOL_MPTCP, TCP_IS_MPTCP
 
-READ_BUDGET = 16
 ACCEPT_BATCH = 64
-POOL_KEEP = 8  # spare empty pipes a worker keeps
-SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 NOTIFY_S = 0.02  # the longest a finished pair waits to be reported: fewer wake-ups
 _OUT_OF_RESOURCES = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
 _ids = itertools.count(1)  # connection ids, shared by every relay (next() holds the GIL)
@@ -42,51 +36,7 @@ _RDHUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
-class _Pair:
-    __slots__ = (
-        "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
-        "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
-        "connecting", "client", "splicing", "pipe", "inpipe",
-    )
-
-    def __init__(self, socks: list, conn_id: int, mptcp_side: int,
-                 client: tuple | None = None) -> None:
-        self.socks = socks  # [a, b]; b is None until an accepted pair's upstream exists
-        self.connecting = False  # accepted by the worker, upstream connect() under way
-        self.client = client
-        self.readable = [False, False]
-        self.writable = [False, False]
-        self.rdhup = [False, False]  # FIN (or an error) signalled: read on until EOF
-        self.pending = [b"", b""]  # per half: bytes the destination would not take
-        self.splicing = [0, 0]  # per half: 1 splicing, -1 splice() not supported here
-        self.pipe: list[tuple[int, int] | None] = [None, None]  # held while splicing
-        self.inpipe = [0, 0]  # bytes in the pipe, not yet sent on
-        self.nbytes = [0, 0]
-        self.done = [False, False]
-        self.conn_id = conn_id
-        self.mptcp_side = mptcp_side
-        self.is_mptcp = False
-        self.subflows = 0
-        self.start = self.last = self.sampled = time.monotonic()
-        self.dead = False
-        self.queued = False
-
-    def sample_mptcp(self) -> None:
-        if self.mptcp_side < 0:
-            return
-        sock = self.socks[self.mptcp_side]
-        try:
-            if not sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP):
-                return
-            self.is_mptcp = True
-            self.subflows = max(self.subflows, 1)
-            info = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 4)
-            self.subflows = max(self.subflows, info[0] + 1)
-        except OSError:
-            pass
-
-
-class _Worker:
+class _Worker(Pump):
     def __init__(self, bufsize: int, idle_timeout: float, notify_fd: int, results: deque,
                  splice: bool = False, busy_poll: float = 0.0):
         self.bufsize = bufsize
@@ -311,183 +261,6 @@ class _Worker:
         for sock in pair.socks:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pair.sample_mptcp()
-        return False
-
-    def _pump(self, pair: _Pair, now: float) -> None:
-        if self._pump_half(pair, 0, now) and self._pump_half(pair, 1, now):
-            if pair.done[0] and pair.done[1]:
-                self._finish(pair, CLOSED, 0)
-
-    def _pump_half(self, pair: _Pair, h: int, now: float) -> bool:
-        """Move bytes from side h to side 1-h; False when the pair was closed."""
-        if pair.done[h]:
-            return True
-        if pair.splicing[h] > 0:
-            spliced = self._splice_half(pair, h, now, READ_BUDGET, 0)
-            if spliced is not None:
-                return spliced
-        src, dst, d = pair.socks[h], pair.socks[1 - h], 1 - h
-        if pair.pending[h]:
-            if not pair.writable[d]:
-                return True
-            try:
-                sent = dst.send(pair.pending[h], socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pair.writable[d] = False
-                return True
-            except OSError as exc:
-                return self._fail(pair, exc.errno or 0)
-            self._moved(pair, h, sent, now)  # a slow reader draining is not idle
-            pair.pending[h] = pair.pending[h][sent:]
-            if pair.pending[h]:
-                pair.writable[d] = False
-                return True
-        budget = READ_BUDGET
-        while pair.readable[h]:
-            if budget == 0:
-                self._requeue(pair)
-                return True
-            budget -= 1
-            try:
-                data = src.recv(self.bufsize, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pair.readable[h] = False
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                return self._fail(pair, exc.errno or 0)
-            if not data:
-                self._eof(pair, h)
-                return True
-            pair.last = now
-            sent = 0
-            if pair.writable[d]:
-                try:
-                    sent = dst.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    return self._fail(pair, exc.errno or 0)
-                self._moved(pair, h, sent, now)
-            if sent < len(data):
-                pair.pending[h] = data[sent:]
-                pair.writable[d] = False
-                return True
-            if (len(data) >= SPLICE_MIN and self.splice and pair.splicing[h] == 0
-                    and self._pipe_get(pair, h)):
-                pair.splicing[h] = 1  # bulk: splice the rest of this burst and what follows
-                spliced = self._splice_half(pair, h, now, budget, len(data))
-                if spliced is not None:
-                    return spliced
-                continue
-            if len(data) < self.bufsize and not pair.rdhup[h]:
-                pair.readable[h] = False  # a short read emptied the socket (see _relay.pyx)
-        return True
-
-    def _moved(self, pair: _Pair, h: int, n: int, now: float) -> None:
-        pair.nbytes[h] += n
-        self.nbytes += n
-        pair.last = now
-
-    def _requeue(self, pair: _Pair) -> None:
-        # Out of read budget: another turn after everyone else.
-        if not pair.queued:
-            pair.queued = True
-            self.ready.append(pair)
-
-    def _eof(self, pair: _Pair, h: int) -> None:
-        # Nothing is pending for the destination: half-close it now.
-        pair.sample_mptcp()
-        try:
-            pair.socks[1 - h].shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # a reset destination shows up as EPOLLERR
-        pair.done[h] = True
-        pair.readable[h] = False
-
-    def _splice_half(self, pair: _Pair, h: int, now: float, budget: int,
-                     moved: int) -> bool | None:
-        """A splicing half: src -> pipe -> dst. As _pump_half; None when splice() is not
-        supported here (the caller copies). A short splice() does not mean the socket is
-        empty, so it reads on to EAGAIN (see _relay.pyx)."""
-        src, dst, d = pair.socks[h].fileno(), pair.socks[1 - h].fileno(), 1 - h
-        rd, wr = pair.pipe[h]
-        while True:
-            if pair.inpipe[h]:
-                if not pair.writable[d]:
-                    return True
-                try:
-                    n = os.splice(rd, dst, pair.inpipe[h], flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    pair.writable[d] = False
-                    return True
-                except OSError as exc:
-                    return self._fail(pair, exc.errno or 0)
-                self._moved(pair, h, n, now)
-                pair.inpipe[h] -= n
-                if pair.inpipe[h]:
-                    pair.writable[d] = False  # the destination is full: wait for EPOLLOUT
-                    return True
-            if not pair.readable[h]:
-                break
-            if budget == 0:
-                self._requeue(pair)
-                return True
-            budget -= 1
-            try:
-                n = os.splice(src, wr, self.bufsize, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                pair.readable[h] = False
-                break
-            except OSError as exc:
-                if exc.errno in (E.EINVAL, E.ENOSYS):
-                    pair.splicing[h] = -1  # nothing was moved: copy this half from now on
-                    self._pipe_put(pair, h)
-                    return None
-                return self._fail(pair, exc.errno or 0)
-            if n == 0:
-                self._eof(pair, h)
-                break
-            pair.inpipe[h] = n
-            moved += n
-            pair.last = now
-        if moved < SPLICE_MIN or pair.done[h]:
-            pair.splicing[h] = 0  # the bulk is over: copy again, give the pipe back
-            self._pipe_put(pair, h)
-        return True
-
-    def _pipe_get(self, pair: _Pair, h: int) -> bool:
-        if self.pipes:
-            pair.pipe[h] = self.pipes.pop()
-        else:
-            try:
-                fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                return False  # out of fds: this half copies
-            try:
-                fcntl.fcntl(fds[1], fcntl.F_SETPIPE_SZ, self.bufsize)
-            except OSError:
-                pass  # the kernel's default size then
-            pair.pipe[h] = fds
-        pair.inpipe[h] = 0
-        return True
-
-    def _pipe_put(self, pair: _Pair, h: int) -> None:
-        # An empty pipe goes back to the pool; one still holding bytes is closed with them.
-        fds = pair.pipe[h]
-        if fds is None:
-            return
-        if pair.inpipe[h] == 0 and len(self.pipes) < POOL_KEEP:
-            self.pipes.append(fds)
-        else:
-            os.close(fds[0])
-            os.close(fds[1])
-        pair.pipe[h] = None
-        pair.inpipe[h] = 0
-
-    def _fail(self, pair: _Pair, err: int) -> bool:
-        self._finish(pair, RESET if err in (E.ECONNRESET, E.EPIPE) else ERROR, err)
         return False
 
     def _finish(self, pair: _Pair, reason: str, err: int) -> None:
