@@ -42,6 +42,7 @@ cdef void accept_some(WorkerState *w) noexcept nogil:
     cdef c.sockaddr_storage ss
     cdef c.socklen_t sslen
     cdef int cfd, ufd, err, i, rc
+    cdef int one = 1
     cdef Pair *p
     for i in range(ACCEPT_BATCH):
         sslen = sizeof(ss)
@@ -95,6 +96,9 @@ cdef void accept_some(WorkerState *w) noexcept nogil:
         p.side[1].fd = ufd
         if w.mark:
             c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &w.mark, sizeof(w.mark))
+        # A relay must not add Nagle's delay on top of the application's own choice (the
+        # client's socket has TCP_NODELAY from the listener, see Relay.listen).
+        c.setsockopt(ufd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
         rc = c.connect(ufd, <c.sockaddr *>&w.up_addr, w.up_len)
         err = c.errno
         if rc != 0 and err != c.EINPROGRESS:
@@ -108,7 +112,6 @@ cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept
     # An event on a pair whose upstream is still connecting. Returns 1 while nothing may
     # move yet (the client's readiness is kept in its Side for later), 0 once connected.
     cdef int soerr = 0
-    cdef int one = 1
     cdef c.socklen_t slen = sizeof(soerr)
     if s == &p.side[0]:
         if ev & c.EPOLLERR:
@@ -118,13 +121,11 @@ cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept
         return 1
     if not ev & (c.EPOLLOUT | c.EPOLLERR | c.EPOLLHUP):
         return 1
-    c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
-    if soerr:
-        finish(w, p, R_FAILED, soerr)
-        return 1
+    if ev & (c.EPOLLERR | c.EPOLLHUP):  # EPOLLOUT alone: connected
+        c.getsockopt(s.fd, c.SOL_SOCKET, c.SO_ERROR, &soerr, &slen)
+        if soerr:
+            finish(w, p, R_FAILED, soerr)
+            return 1
     p.connecting = 0
-    # A relay must not add Nagle's delay on top of the application's own choice.
-    c.setsockopt(p.side[0].fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
-    c.setsockopt(p.side[1].fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
     sample_mptcp(p)
     return 0

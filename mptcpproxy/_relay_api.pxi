@@ -205,7 +205,11 @@ cdef class Relay:
     def listen(self, int fd, int family, tuple sockaddr, bint mptcp, int mptcp_side=-1,
                unsigned int mark=0, double connect_timeout=10.0):
         cdef _Worker w
+        cdef int one = 1
         raw = _sockaddr_bytes(family, sockaddr)
+        # Accepted sockets inherit TCP_NODELAY: no setsockopt() per client.
+        if c.setsockopt(fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one)) != 0:
+            raise OSError(c.errno, os.strerror(c.errno))
         for w in self._workers:
             w.set_listen(fd, raw, family, 262 if mptcp else 0, mptcp_side, mark,
                          connect_timeout)

@@ -236,6 +236,8 @@ class _Worker(Pump):
             up.setblocking(False)
             if mark:
                 up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            # No Nagle delay added by the relay (the client has it from the listener).
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = up.connect_ex(sockaddr)
             if err not in (0, E.EINPROGRESS):
                 self._finish(pair, FAILED, err)
@@ -253,13 +255,12 @@ class _Worker(Pump):
             return True
         if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
             return True
-        err = pair.socks[1].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._finish(pair, FAILED, err)
-            return True
+        if ev & (select.EPOLLERR | select.EPOLLHUP):  # EPOLLOUT alone: connected
+            err = pair.socks[1].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._finish(pair, FAILED, err)
+                return True
         pair.connecting = False
-        for sock in pair.socks:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pair.sample_mptcp()
         return False
 
@@ -336,6 +337,8 @@ class Relay:
     def listen(self, fd: int, family: int, sockaddr: tuple, mptcp: bool, mptcp_side: int = -1,
                mark: int = 0, connect_timeout: float = 10.0) -> None:
         self._listener = socket.socket(fileno=fd)  # the caller's fd: detached, never closed
+        # Accepted sockets inherit TCP_NODELAY: no setsockopt() per client.
+        self._listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for w in self._workers:
             w.upstream = (family, sockaddr, 262 if mptcp else 0, mptcp_side, mark,
                           connect_timeout)

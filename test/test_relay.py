@@ -381,6 +381,59 @@ def test_listen_accepts_connects_and_relays(engine):
         upstream.close()
 
 
+def sockets_of_this_process() -> list[socket.socket]:
+    """Duplicates of every TCP socket this process holds (the caller closes them)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = os.dup(int(name))
+        except OSError:
+            continue  # the listing's own fd, gone
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)  # not a socket
+            continue
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            out.append(sock)
+        else:
+            sock.detach()
+    return out
+
+
+def test_listen_sets_nodelay_on_both_legs(engine):
+    # A relay must not add Nagle's delay to small writes: both of its sockets of a pair
+    # (the accepted one and the upstream one) have TCP_NODELAY.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        relay, lsock = listening_relay(engine, server.getsockname())
+        try:
+            with socket.create_connection(lsock.getsockname(), timeout=TIMEOUT) as client:
+                client.sendall(b"x")
+                conn, _ = server.accept()
+                with conn:
+                    conn.settimeout(TIMEOUT)
+                    assert conn.recv(1) == b"x"
+                    legs = {}
+                    for sock in sockets_of_this_process():
+                        with sock:
+                            try:
+                                peer = sock.getpeername()
+                            except OSError:
+                                continue  # a listener
+                            if peer == client.getsockname():
+                                legs["client"] = sock.getsockopt(socket.IPPROTO_TCP,
+                                                                 socket.TCP_NODELAY)
+                            elif peer == server.getsockname():
+                                legs["upstream"] = sock.getsockopt(socket.IPPROTO_TCP,
+                                                                   socket.TCP_NODELAY)
+                    assert legs == {"client": 1, "upstream": 1}
+        finally:
+            relay.close()
+            lsock.close()
+
+
 def test_listen_reports_an_unreachable_upstream(engine):
     with socket.socket() as closed:  # a port nobody listens on
         closed.bind(("127.0.0.1", 0))
