@@ -28,7 +28,7 @@ cdef int pipe_get(WorkerState *w, Half *hf) noexcept nogil:
         if c.pipe2(hf.pipe, c.O_NONBLOCK | c.O_CLOEXEC) != 0:
             return -1
         # As large as a read, if the kernel allows it (else the default 64 KiB).
-        c.fcntl(hf.pipe[1], c.F_SETPIPE_SZ, <int>w.bufsize)
+        c.syscall(c.SYS_fcntl, hf.pipe[1], c.F_SETPIPE_SZ, <int>w.bufsize)
     hf.has_pipe = 1
     hf.inpipe = 0
     return 0

@@ -22,7 +22,15 @@ cdef extern from "<errno.h>" nogil:
     int EWOULDBLOCK
 
 
+cdef extern from "<sys/syscall.h>" nogil:
+    enum:
+        SYS_fcntl
+
+
 cdef extern from "<unistd.h>" nogil:
+    # fcntl() goes through syscall(): glibc >= 2.28 headers bind fcntl to fcntl64, a symbol
+    # that would lift the wheel from manylinux2014 to manylinux_2_28.
+    long syscall(long number, ...)
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
@@ -34,10 +42,8 @@ cdef extern from "<fcntl.h>" nogil:
         O_NONBLOCK
         O_CLOEXEC
         F_SETPIPE_SZ
-        F_GETPIPE_SZ
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
-    int fcntl(int fd, int cmd, ...)
     ssize_t splice(int fd_in, long long *off_in, int fd_out, long long *off_out,
                    size_t len, unsigned int flags)
     int pipe2(int fds[2], int flags)
