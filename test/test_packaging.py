@@ -227,6 +227,16 @@ def test_wheel_has_the_extension_and_no_sources(dists: tuple[Path, Path]) -> Non
     assert re.search(r"^mptcp-proxy = mptcpproxy\.cli:main$", entry_points, re.MULTILINE)
 
 
+def test_wheel_qualifies_for_manylinux2014(dists: tuple[Path, Path]) -> None:
+    # The extension may use no glibc symbol newer than 2.17 (e.g. fcntl64@GLIBC_2.28, which
+    # a plain fcntl() binds to with new headers): pip on older systems could not install it.
+    _, wheel = dists
+    proc = _run([_tool("auditwheel"), "show", str(wheel)], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert '"manylinux_2_17_x86_64"' in text or '"manylinux_2_17_aarch64"' in text, text
+
+
 def test_cibuildwheel_builds_cpython_310_to_313_manylinux() -> None:
     cibw = _tool("cibuildwheel")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIBW_")}
