@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import select
 import signal
 import socket
+import sys
 import threading
+import time
 
 import pytest
 from netns import wait_until
 from peers import reply_bytes
-from test_loopback import CLIENT, SERVER, SERVICE, chain, stop_cleanly
+from test_loopback import CLIENT, PEERS, SERVER, SERVICE, chain, stop_cleanly
 from test_metrics import samples
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(60)]
@@ -290,3 +293,45 @@ def test_drain_timeout_cuts_a_long_transfer(testbed, side):
     assert isinstance(paced.error, (ConnectionResetError, BrokenPipeError)), paced.error
     assert "draining 1 open connection(s), for 1 s at most" in proxy.stderr
     assert ends(proxy) == ["aborted"], proxy.stderr
+
+
+def test_out_of_fds_pauses_accepting_then_serves_again(testbed):
+    # Run out of file descriptors: the connections the proxy holds go on working, the
+    # ones beyond wait in the listen backlog, the warning comes at most once a second, and
+    # once fds are free again every waiting and new client is served.
+    host = testbed.host("lo")
+    svc = host.start([sys.executable, PEERS, "echo", str(SERVICE)], name="service")
+    host.wait_listening(SERVICE, proc=svc)
+    proxy = host.start(["prlimit", "--nofile=48:48", sys.executable, "-m", "mptcpproxy",
+                        "-m", "client", "-p", str(CLIENT), "-r", f"127.0.0.1:{SERVICE}",
+                        "--disable-mptcp"], name="proxy-nofile")
+    host.wait_listening(CLIENT, proc=proxy)
+    started = time.monotonic()
+    socks = [host.connect(("127.0.0.1", CLIENT)) for _ in range(30)]
+    try:
+        for sock in socks:
+            sock.sendall(b"x")
+        answered = set()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len(answered) < len(socks):
+            ready, _, _ = select.select([s for s in socks if s not in answered], [], [], 0.2)
+            for sock in ready:
+                assert sock.recv(1) == b"x"
+                answered.add(sock)
+        assert 0 < len(answered) < len(socks), "the fd limit did not bite"
+        assert proxy.poll() is None, proxy.describe()
+        waiting = [s for s in socks if s not in answered]
+        for sock in answered:  # free the proxy's fds: the waiting clients get their turn
+            sock.close()
+        for sock in waiting:
+            sock.settimeout(WAIT)
+            assert sock.recv(1) == b"x"
+    finally:
+        for sock in socks:
+            sock.close()
+    with host.connect(("127.0.0.1", CLIENT)) as late:
+        late.settimeout(WAIT)
+        assert exchange(late, b"late") == b"late"
+    warnings = proxy.stderr.count("cannot accept: Too many open files")
+    assert 1 <= warnings <= time.monotonic() - started + 2, proxy.stderr[-2000:]
+    stop_cleanly(proxy)
