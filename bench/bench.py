@@ -12,8 +12,8 @@ Each figure is the median of 3 runs (the runs interleave the peers, so a burst o
 this shared machine hits them all alike). Results: bench/results/<stamp>.jsonl (one JSON
 object a line), the table in bench/README.md and the chart bench/ratios.png.
 
-    python bench/bench.py                   the full suite (about 12 minutes)
-    BENCH_QUICK=1 python bench/bench.py     one run, short durations (about 3 minutes)
+    python bench/bench.py                   the full suite (about 9 minutes)
+    BENCH_QUICK=1 python bench/bench.py     one run, short durations (about 100 seconds)
     python bench/bench.py --smoke --out DIR one metric, one peer, about a second
     python bench/bench.py --report FILE     table and chart again from a results file
 
