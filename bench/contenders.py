@@ -1,0 +1,185 @@
+"""The peers measured side by side: how each one is started in a bench namespace."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import (
+    IPERF_PORT,
+    NS_SYSCTLS,
+    PROXY,
+    PROXY_ENV,
+    ROOT,
+    TWIN,
+    TWIN_ENV,
+    Plan,
+    max_relayed,
+)
+from netns import Proc, TestBed
+
+
+@dataclass
+class Started:
+    port: int  # where clients connect
+    procs: list[Proc] = field(default_factory=list)  # the proxy processes measured
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+class Session:
+    """One private namespace with the target servers, for one peer in one run."""
+
+    def __init__(self, bed: TestBed, loadgen: str, plan: Plan) -> None:
+        self.bed, self.loadgen, self.plan = bed, loadgen, plan
+        self.host = bed.host("bench")
+        for key, value in NS_SYSCTLS.items():
+            self.host.sysctl(key, value)
+        self.next_port = 10000
+        self.servers: dict[int, Proc] = {}
+
+    def port(self) -> int:
+        self.next_port += 10
+        return self.next_port
+
+    def serve(self, target: int) -> None:
+        """Start the iperf3 or echo server on demand."""
+        if target in self.servers:
+            return
+        argv = (["iperf3", "-s", "-p", str(target)] if target == IPERF_PORT
+                else [self.loadgen, "echo", str(target)])
+        proc = self.host.start(argv, name=f"server-{target}")
+        self.host.wait_listening(target, proc=proc)
+        self.servers[target] = proc
+
+    def proxy(self, argv: list[str], port: int, name: str,
+              env: dict[str, str] | None = None) -> Proc:
+        proc = self.host.start(argv, name=name, env=env or PROXY_ENV)
+        self.host.wait_listening(port, proc=proc)
+        return proc
+
+
+def _mptcpproxy(boot: list[str], env: dict[str, str],
+                *extra: str) -> Callable[[Session, int], Started]:
+    def start(s: Session, target: int) -> Started:
+        port = s.port()
+        argv = [*boot, "-m", "client", "-p", str(port), "-r", f"127.0.0.1:{target}",
+                "-q", "--drain-timeout", "1", "--disable-mptcp", *extra]
+        return Started(port, [s.proxy(argv, port, "mptcpproxy", env)])
+    return start
+
+
+def _pair(s: Session, target: int) -> Started:
+    client_port, server_port = s.port(), s.port()
+    common = ["-q", "--drain-timeout", "1"]
+    server = s.proxy([*PROXY, "-m", "server", "-p", str(server_port),
+                      "-r", f"127.0.0.1:{target}", *common], server_port, "server-proxy")
+    client = s.proxy([*PROXY, "-m", "client", "-p", str(client_port),
+                      "-r", f"127.0.0.1:{server_port}", *common], client_port, "client-proxy")
+    return Started(client_port, [client, server])
+
+
+SPLICE_PIPES = 1024
+BUSY_POLL_US = 50
+HAPROXY_CFG = """\
+global
+    nbthread {threads}
+    maxconn {maxconn}
+{pipes}{busy}
+defaults
+    mode tcp
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+{splice}
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend target
+backend target
+    server s1 127.0.0.1:{target}
+"""
+
+
+SPLICE_OPTIONS = {
+    "": "",
+    "auto": "    option splice-auto",
+    # splice-auto rarely splices on loopback; these make HAProxy splice every transfer
+    "forced": "    option splice-request\n    option splice-response",
+}
+
+
+def _haproxy(splice: str, busy: bool = False) -> Callable[[Session, int], Started]:
+    def start(s: Session, target: int) -> Started:
+        port = s.port()
+        cfg = Path(s.bed.log_dir) / f"haproxy-{port}.cfg"
+        cfg.write_text(HAPROXY_CFG.format(
+            threads=len(os.sched_getaffinity(0)), port=port, target=target,
+            # splicing needs 2 fds per pipe too: a fixed pool of pipes, fewer connections
+            maxconn=max_relayed() - (SPLICE_PIPES if splice else 0),
+            pipes=f"    maxpipes {SPLICE_PIPES}" if splice else "",
+            # its pollers never sleep (a null timeout), on every thread, idle or not
+            busy="    busy-polling" if busy else "",
+            splice=SPLICE_OPTIONS[splice]))
+        return Started(port, [s.proxy(["haproxy", "-db", "-f", str(cfg)], port, "haproxy")])
+    return start
+
+
+def _socat(s: Session, target: int) -> Started:
+    port = s.port()
+    # backlog=4096 like the others (socat's default is 5); one process per connection
+    argv = ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+            f"TCP:127.0.0.1:{target}"]
+    return Started(port, [s.proxy(argv, port, "socat")])
+
+
+def variant_peer(spec: str) -> Peer:
+    """`KEY=ROOT[::ARGS]`: mptcpproxy TCP->TCP from another tree (a lever to measure)."""
+    key, _, rest = spec.partition("=")
+    root, _, args = rest.partition("::")
+    env = {**PROXY_ENV, "PYTHONPATH": str(Path(root or ROOT).resolve())}
+
+    def start(s: Session, target: int) -> Started:
+        port = s.port()
+        argv = [*PROXY, "-m", "client", "-p", str(port), "-r",
+                f"127.0.0.1:{target}", "-q", "--drain-timeout", "1", "--disable-mptcp",
+                *args.split()]
+        return Started(port, [s.proxy(argv, port, key, env)])
+    return Peer(key, start)
+
+
+@dataclass(frozen=True)
+class Peer:
+    key: str
+    start: Callable[[Session, int], Started] | None  # None: no proxy
+    needs: str | None = None  # a program that must be installed
+    max_hold: int = 1 << 30  # the most idle connections it is asked to hold
+    groups: tuple[str, ...] = ()  # the only measurement groups it takes part in; (): all
+    spins: bool = False  # busy even when idle: stopped as soon as it was measured
+
+
+PEERS = [
+    Peer("direct", None),
+    Peer("tcp", _mptcpproxy(PROXY, PROXY_ENV)),
+    # the set-ups a user picks for bulk (less CPU per byte) and for latency
+    Peer("tcp-splice", _mptcpproxy(PROXY, PROXY_ENV, "--splice"), groups=("tput",)),
+    Peer("tcp-busy", _mptcpproxy(PROXY, PROXY_ENV, f"--busy-poll={BUSY_POLL_US}"),
+         groups=("echo",)),
+    Peer("pair", _pair),
+    Peer("py", _mptcpproxy(TWIN, TWIN_ENV)),
+    Peer("haproxy", _haproxy(""), "haproxy"),
+    Peer("haproxy-busy", _haproxy("", busy=True), "haproxy", groups=("echo",), spins=True),
+    # their pipes take fds that 10,000 connections need; idle, they are the same as HAProxy
+    Peer("haproxy-splice", _haproxy("auto"), "haproxy", max_hold=1000),
+    Peer("haproxy-splice-forced", _haproxy("forced"), "haproxy", max_hold=1000),
+    # a process per connection: 10,000 of them would be 10,000 forks
+    Peer("socat", _socat, "socat", max_hold=1000),
+]
