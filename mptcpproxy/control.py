@@ -12,10 +12,11 @@ import signal
 import socket
 import time
 
-from mptcpproxy import origdst, sockets
+from mptcpproxy import connlog, origdst, sockets
 from mptcpproxy._results import ACCEPT_ERROR, FAILED, Result
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.connect import Attempt, literal, resolve
+from mptcpproxy.connlog import Conn, reason
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay
 from mptcpproxy.sdnotify import sd_notify
@@ -31,30 +32,12 @@ class StartupError(Exception):
     """The proxy cannot start; the message is one sentence for a person."""
 
 
-class _Conn:
-    # Addresses are kept as tuples and formatted only when the connection is logged.
-    __slots__ = ("client", "upstream", "mptcp_leg")
-
-    def __init__(self, client: tuple, upstream: tuple, mptcp_leg: bool) -> None:
-        self.client, self.upstream, self.mptcp_leg = client, upstream, mptcp_leg
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve: {exc.strerror}"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or type(exc).__name__
-
-
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.relay: Relay | None = None
         self.listener: socket.socket | None = None
-        self.conns: dict[int, _Conn] = {}
+        self.conns: dict[int, Conn] = {}
         self.connecting: set[Attempt] = set()
         self.fast = False  # the relay workers accept and connect themselves
         self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
@@ -83,7 +66,7 @@ class Proxy:
                 await resolve(asyncio.get_running_loop(), cfg.remote)
             except OSError as exc:
                 raise StartupError(
-                    f"cannot resolve the remote host '{cfg.remote.host}' ({_reason(exc)}): "
+                    f"cannot resolve the remote host '{cfg.remote.host}' ({reason(exc)}): "
                     "check the name or give an IP address"
                 ) from None
         try:
@@ -236,7 +219,7 @@ class Proxy:
         except (origdst.Refused, OSError) as exc:  # OSError: the lookup itself failed
             self.metrics.connect_failed("other")
             log.warning("conn %d from %s: refused: %s", conn_id, sockets.peer_name(addr),
-                        f"no original destination ({_reason(exc)})"
+                        f"no original destination ({reason(exc)})"
                         if isinstance(exc, OSError) else exc)
             client.close()
             return
@@ -253,7 +236,7 @@ class Proxy:
         self.metrics.connect_failed(connect_failure_reason(exc))
         log.warning(
             "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            attempt.conn_id, sockets.peer_name(attempt.addr), attempt.target, _reason(exc),
+            attempt.conn_id, sockets.peer_name(attempt.addr), attempt.target, reason(exc),
         )
 
     def _on_connected(self, attempt: Attempt) -> None:
@@ -267,7 +250,7 @@ class Proxy:
             log.debug("conn %d: %s -> %s established", conn_id,
                       sockets.peer_name(attempt.addr), sockets.peer_name(attempt.sockaddr))
         mptcp_leg = not cfg.disable_mptcp
-        self.conns[conn_id] = _Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
+        self.conns[conn_id] = Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
         fd_client, fd_up = client.detach(), upstream.detach()
         mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
         self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
@@ -296,7 +279,7 @@ class Proxy:
             return
         log.warning(
             "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            r.conn_id, sockets.peer_name(r.client), self.config.remote, _reason(exc),
+            r.conn_id, sockets.peer_name(r.client), self.config.remote, reason(exc),
         )
 
     def _log_result(self, r: Result) -> None:
@@ -305,30 +288,9 @@ class Proxy:
             if r.client is None:
                 return
             cfg = self.config  # accepted by the relay itself: -r is the upstream
-            conn = _Conn(r.client, literal(cfg.remote)[1], not cfg.disable_mptcp)
+            conn = Conn(r.client, literal(cfg.remote)[1], not cfg.disable_mptcp)
         self.metrics.connection_closed(r, conn.mptcp_leg)
-        if not log.isEnabledFor(logging.INFO):
-            return
-        how = r.reason
-        if r.errno:
-            how += f" ({os.strerror(r.errno).lower()})"
-        if not conn.mptcp_leg:
-            mptcp = "mptcp=off"
-        elif r.is_mptcp:
-            mptcp = f"mptcp=yes subflows={r.subflows}"
-        else:
-            mptcp = "mptcp=no (fell back to TCP)"
-        client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
-        log.info(
-            "conn %d %s: client %s upstream %s sent %d B received %d B in %.3f s, %s",
-            r.conn_id, how, client, upstream, r.bytes_ab, r.bytes_ba,
-            r.duration, mptcp,
-            extra={"event": "conn_end", "conn_id": r.conn_id, "client": client,
-                   "upstream": upstream, "reason": r.reason, "errno": r.errno,
-                   "bytes_client_to_upstream": r.bytes_ab,
-                   "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
-                   "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows},
-        )
+        connlog.log_end(r, conn)
 
     # -- stop -----------------------------------------------------------------------------
 

@@ -1,0 +1,56 @@
+"""What the proxy says about each connection: its end, one line (or one JSON object)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from mptcpproxy import sockets
+from mptcpproxy._results import Result
+
+log = logging.getLogger("mptcpproxy")
+
+
+class Conn:
+    # Addresses are kept as tuples and formatted only when the connection is logged.
+    __slots__ = ("client", "upstream", "mptcp_leg")
+
+    def __init__(self, client: tuple, upstream: tuple, mptcp_leg: bool) -> None:
+        self.client, self.upstream, self.mptcp_leg = client, upstream, mptcp_leg
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+def log_end(r: Result, conn: Conn) -> None:
+    """The line for a finished pair: how it ended, the bytes, and whether MPTCP was used."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    how = r.reason
+    if r.errno:
+        how += f" ({os.strerror(r.errno).lower()})"
+    if not conn.mptcp_leg:
+        mptcp = "mptcp=off"
+    elif r.is_mptcp:
+        mptcp = f"mptcp=yes subflows={r.subflows}"
+    else:
+        mptcp = "mptcp=no (fell back to TCP)"
+    client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
+    log.info(
+        "conn %d %s: client %s upstream %s sent %d B received %d B in %.3f s, %s",
+        r.conn_id, how, client, upstream, r.bytes_ab, r.bytes_ba, r.duration, mptcp,
+        extra={"event": "conn_end", "conn_id": r.conn_id, "client": client,
+               "upstream": upstream, "reason": r.reason, "errno": r.errno,
+               "bytes_client_to_upstream": r.bytes_ab,
+               "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
+               "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows},
+    )
