@@ -201,6 +201,12 @@ cdef void prune_ready(WorkerState *w) noexcept nogil:
 cdef int worker_loop(WorkerState *w) noexcept nogil:
     # Runs until the worker is told to stop (returns 1) or epoll_wait fails (-1,
     # fatal_errno set); all of it without the GIL.
+    cdef c.sigset_t pipe_sig
+    # splice() into a socket whose peer is gone raises SIGPIPE (it has no MSG_NOSIGNAL):
+    # blocked in this thread, it stays pending instead of killing an embedding process.
+    c.sigemptyset(&pipe_sig)
+    c.sigaddset(&pipe_sig, c.SIGPIPE)
+    c.sigprocmask(c.SIG_BLOCK, &pipe_sig, NULL)
     cdef uint64_t one = 1
     cdef c.epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout

@@ -7,6 +7,7 @@ import errno as E
 import itertools
 import os
 import select
+import signal
 import socket
 import struct
 import threading
@@ -88,6 +89,9 @@ class _Worker(Pump):
     # -- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # splice() into a socket whose peer is gone raises SIGPIPE (no MSG_NOSIGNAL there):
+        # blocked in this thread, it stays pending instead of killing the process.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
         next_scan = now = 0.0
         last_event = -self.busy_poll - 1
         while True:

@@ -22,6 +22,19 @@ cdef extern from "<errno.h>" nogil:
     int EWOULDBLOCK
 
 
+cdef extern from "<signal.h>" nogil:
+    # sigprocmask() sets the calling thread's mask on Linux, as pthread_sigmask() does,
+    # and binds to an old glibc symbol (pthread_sigmask is GLIBC_2.32 in libc).
+    ctypedef struct sigset_t:
+        pass
+    enum:
+        SIGPIPE
+        SIG_BLOCK
+    int sigemptyset(sigset_t *set)
+    int sigaddset(sigset_t *set, int signum)
+    int sigprocmask(int how, const sigset_t *set, sigset_t *oldset)
+
+
 cdef extern from "<sys/syscall.h>" nogil:
     enum:
         SYS_fcntl

@@ -224,12 +224,12 @@ EPIPE_SCRIPT = textwrap.dedent("""
         from mptcpproxy._relay import Relay
     else:
         from mptcpproxy._relay_py import Relay
-    relay = Relay()
+    relay = Relay(splice=sys.argv[3] == "splice")  # splice(): the sends are splice() calls
     chain = Chain(relay, make=tcp_pair)
     chain.right.close()  # gone: the relay's next sends toward it fail
     try:
         for _ in range(200):
-            chain.left.sendall(b"y" * 65536, socket.MSG_NOSIGNAL)  # only the relay is on trial
+            chain.left.sendall(b"y" * 262144, socket.MSG_NOSIGNAL)  # only the relay is on trial
             time.sleep(0.005)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the failure was passed back to the sender
@@ -238,10 +238,11 @@ EPIPE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_epipe_does_not_raise_sigpipe(engine):
+@pytest.mark.parametrize("how", ["copy", "splice"])
+def test_epipe_does_not_raise_sigpipe(engine, how):
     name = "c" if engine.__module__ == "mptcpproxy._relay" else "py"
     proc = subprocess.run(
-        [sys.executable, "-c", EPIPE_SCRIPT, name, os.path.dirname(__file__)],
+        [sys.executable, "-c", EPIPE_SCRIPT, name, os.path.dirname(__file__), how],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
