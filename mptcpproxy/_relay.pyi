@@ -23,7 +23,8 @@ class Relay:
     def new_id(self) -> int:
         """A connection id, unique in this process (shared with the pairs listen() makes)."""
     def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1) -> None:
-        """Hand over two connected sockets; the relay owns and closes both fds from now on.
+        """Hand over two connected sockets; the relay owns and closes both fds from now on
+        (and puts them in non-blocking mode).
 
         `mptcp_fd` is fd_a, fd_b or -1: the leg whose MPTCP status is reported.
         """

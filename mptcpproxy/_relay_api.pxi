@@ -184,6 +184,9 @@ cdef class Relay:
             raise RuntimeError("the relay is closed")
         if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
             raise ValueError("two distinct open fds are needed")
+        # A blocking fd would let one splice() (which has no MSG_DONTWAIT) hold up the thread.
+        os.set_blocking(fd_a, False)
+        os.set_blocking(fd_b, False)
         for wk in self._workers:
             if best is None or wk.w.total - wk.w.finished < best.w.total - best.w.finished:
                 best = wk

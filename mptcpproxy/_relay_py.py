@@ -332,8 +332,11 @@ class Relay:
         if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
             raise ValueError("two distinct open fds are needed")
         side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
+        socks = [socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)]
+        for sock in socks:  # a blocking fd would let one splice() hold up the thread
+            sock.setblocking(False)
         worker = min(self._workers, key=lambda w: w.active)
-        worker.push(_Pair([socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)], conn_id, side))
+        worker.push(_Pair(socks, conn_id, side))
 
     def new_id(self) -> int:
         return next(_ids)

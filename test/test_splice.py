@@ -167,3 +167,30 @@ def recv_exactly(sock: socket.socket, size: int, out: list) -> None:
         h.update(data)
         got += len(data)
     out.append((got, h.hexdigest()))
+
+
+def blocking_tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """As tcp_pair, in blocking mode (as a caller of Relay.add may hand them over)."""
+    a, b = tcp_pair()
+    a.setblocking(True)
+    b.setblocking(True)
+    return a, b
+
+
+def test_a_stalled_receiver_does_not_hold_up_other_pairs(engine):
+    # The relay's sockets must not block: a splice() toward a receiver that reads nothing
+    # would otherwise hang the worker thread and every pair on it.
+    relay = engine(workers=1, splice=True)
+    stalled, lively = Chain(relay, blocking_tcp_pair, 1), Chain(relay, blocking_tcp_pair, 2)
+    try:
+        sent, digest = send_until_blocked(stalled.left)
+        for sock in (lively.left, lively.right):
+            sock.settimeout(5)
+        for i in range(20):
+            lively.left.sendall(b"ping%d" % i)
+            assert recv_n(lively.right, len(b"ping%d" % i)) == b"ping%d" % i
+        assert_arrives_after_eof(stalled, sent, digest)
+    finally:
+        stalled.close()
+        lively.close()
+        relay.close()
