@@ -41,8 +41,7 @@ cdef struct Half:
     int done  # EOF read and shutdown(dst, SHUT_WR) done
     # Splicing (Relay(splice=True)): a half that moves bulk sends its bytes src -> pipe ->
     # dst, never through user space. The pipe is held only while the half splices.
-    int splicing  # 1 while splicing, -1 when splice() is not supported for this half
-    int has_pipe
+    int splicing  # 1 while splicing (it holds `pipe`), -1 when splice() is not supported here
     int pipe[2]
     size_t inpipe  # bytes in the pipe, not yet sent on
 

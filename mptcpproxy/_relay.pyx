@@ -63,7 +63,7 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
             c.close(p.side[i].fd)
         pool_put(w, p.half[i].buf)
         p.half[i].buf = NULL
-        pipe_put(w, &p.half[i])
+        end_splice(w, &p.half[i], 0)
     p.dead = 1
     if p.prev != NULL:
         p.prev.next = p.next

@@ -17,7 +17,6 @@ cdef class _Worker:
         self.w.notifyfd = notifyfd
         self.w.splice = splice
         self.w.busy_ns = <int64_t>(busy_poll * NS)
-        self.w.last_event = -self.w.busy_ns - 1
         self.w.bufsize = bufsize
         self.w.idle_ns = <int64_t>(idle_timeout * NS)
         c.pthread_mutex_init(&self.w.lock, NULL)
@@ -146,6 +145,7 @@ cdef class Relay:
     cdef list _results  # taken from the workers when they stopped
     cdef int _notifyfd
     cdef bint _closed
+    cdef bint _splice
 
     def __cinit__(self):
         self._notifyfd = -1
@@ -157,6 +157,7 @@ cdef class Relay:
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
         self._results = []
+        self._splice = splice
         self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
         if self._notifyfd < 0:
             raise OSError(c.errno, os.strerror(c.errno))
@@ -184,9 +185,11 @@ cdef class Relay:
             raise RuntimeError("the relay is closed")
         if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
             raise ValueError("two distinct open fds are needed")
-        # A blocking fd would let one splice() (which has no MSG_DONTWAIT) hold up the thread.
-        os.set_blocking(fd_a, False)
-        os.set_blocking(fd_b, False)
+        if self._splice:
+            # A blocking fd would let one splice() (it has no MSG_DONTWAIT, unlike the
+            # recv/send of the copy path) hold up the thread.
+            os.set_blocking(fd_a, False)
+            os.set_blocking(fd_b, False)
         for wk in self._workers:
             if best is None or wk.w.total - wk.w.finished < best.w.total - best.w.finished:
                 best = wk

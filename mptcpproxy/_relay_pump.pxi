@@ -18,8 +18,8 @@ cdef void pool_put(WorkerState *w, char *buf) noexcept nogil:
         free(buf)
 
 
-cdef int pipe_get(WorkerState *w, Half *hf) noexcept nogil:
-    # An empty pipe for a half that starts splicing; -1 when there is none (out of fds).
+cdef int start_splice(WorkerState *w, Half *hf) noexcept nogil:
+    # The half starts splicing, with an empty pipe; -1 (it copies) when there is none.
     if w.npipes > 0:
         w.npipes -= 1
         hf.pipe[0] = w.pipes[2 * w.npipes]
@@ -29,26 +29,43 @@ cdef int pipe_get(WorkerState *w, Half *hf) noexcept nogil:
             return -1
         # As large as a read, if the kernel allows it (else the default 64 KiB).
         c.syscall(c.SYS_fcntl, hf.pipe[1], c.F_SETPIPE_SZ, <int>w.bufsize)
-    hf.has_pipe = 1
+    hf.splicing = 1
     hf.inpipe = 0
     return 0
 
 
-cdef void pipe_put(WorkerState *w, Half *hf) noexcept nogil:
-    # An empty pipe goes back to the pool; one still holding bytes is closed with them.
-    if not hf.has_pipe:
-        return
-    if hf.inpipe == 0 and w.npipes < POOL_KEEP:
-        w.pipes[2 * w.npipes] = hf.pipe[0]
-        w.pipes[2 * w.npipes + 1] = hf.pipe[1]
-        w.npipes += 1
-    else:
-        c.close(hf.pipe[0])
-        c.close(hf.pipe[1])
-    hf.has_pipe = 0
+cdef void end_splice(WorkerState *w, Half *hf, int state) noexcept nogil:
+    # The half stops splicing (state 0: until the next bulk; -1: for good). An empty pipe
+    # goes back to the pool; one still holding bytes is closed with them.
+    if hf.splicing == 1:
+        if hf.inpipe == 0 and w.npipes < POOL_KEEP:
+            w.pipes[2 * w.npipes] = hf.pipe[0]
+            w.pipes[2 * w.npipes + 1] = hf.pipe[1]
+            w.npipes += 1
+        else:
+            c.close(hf.pipe[0])
+            c.close(hf.pipe[1])
+    hf.splicing = state
     hf.inpipe = 0
 
 
+cdef inline int flushed(WorkerState *w, Pair *p, int h, ssize_t n, int err,
+                        size_t *pending) noexcept nogil:
+    # The outcome of send() or splice() of bytes pending for side 1 - h, `n` as it
+    # returned: 1 when none are left, 0 when the destination is full (wait for
+    # EPOLLOUT), -1 when the pair was closed.
+    if n < 0:
+        if err == c.EAGAIN or err == c.EINTR:
+            p.side[1 - h].writable = 0
+            return 0
+        fail(w, p, err)
+        return -1
+    moved_on(w, p, h, n)  # a slow reader draining what is pending is not idle
+    pending[0] -= n
+    if pending[0] > 0:
+        p.side[1 - h].writable = 0  # a short send: the destination is full
+        return 0
+    return 1
 
 
 cdef inline void moved_on(WorkerState *w, Pair *p, int h, ssize_t n) noexcept nogil:
@@ -83,25 +100,16 @@ cdef int splice_half(WorkerState *w, Pair *p, int h, int budget, size_t moved) n
     cdef Side *dst = &p.side[1 - h]
     cdef Half *hf = &p.half[h]
     cdef ssize_t n
-    cdef int err
+    cdef int err, rc
     while True:
         if hf.inpipe > 0:
             if not dst.writable:
                 return 0
             n = c.splice(hf.pipe[0], NULL, dst.fd, NULL, hf.inpipe,
                          c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
-            err = c.errno
-            if n < 0:
-                if err == c.EAGAIN or err == c.EINTR:
-                    dst.writable = 0
-                    return 0
-                fail(w, p, err)
-                return -1
-            moved_on(w, p, h, n)
-            hf.inpipe -= n
-            if hf.inpipe > 0:
-                dst.writable = 0  # the destination is full: wait for EPOLLOUT
-                return 0
+            rc = flushed(w, p, h, n, c.errno, &hf.inpipe)
+            if rc <= 0:
+                return rc
         if not src.readable:
             break
         if budget == 0:
@@ -122,8 +130,7 @@ cdef int splice_half(WorkerState *w, Pair *p, int h, int budget, size_t moved) n
             src.readable = 0
             break
         elif err == c.EINVAL or err == c.ENOSYS:
-            hf.splicing = -1  # nothing was moved: copy this half from now on
-            pipe_put(w, hf)
+            end_splice(w, hf, -1)  # nothing was moved: copy this half from now on
             return 1
         elif err != c.EINTR:
             fail(w, p, err)
@@ -131,8 +138,7 @@ cdef int splice_half(WorkerState *w, Pair *p, int h, int budget, size_t moved) n
     # The pipe is empty here. A turn that moved little ends the bulk: copy again (a short
     # recv() saves the call that only says EAGAIN) and give the pipe back.
     if moved < SPLICE_MIN or hf.done:
-        hf.splicing = 0
-        pipe_put(w, hf)
+        end_splice(w, hf, 0)
     return 0
 
 
@@ -153,19 +159,11 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
         if not dst.writable:
             return 0
         s = c.send(dst.fd, hf.buf + hf.off, hf.len, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
-        err = c.errno
-        if s < 0:
-            if err == c.EAGAIN or err == c.EINTR:
-                dst.writable = 0
-                return 0
-            fail(w, p, err)
-            return -1
-        moved_on(w, p, h, s)  # a slow reader draining what is pending is not idle
-        hf.off += s
-        hf.len -= s
-        if hf.len > 0:
-            dst.writable = 0  # a short send: the destination is full, wait for EPOLLOUT
-            return 0
+        if s > 0:
+            hf.off += s
+        rc = flushed(w, p, h, s, c.errno, &hf.len)
+        if rc <= 0:
+            return rc
         pool_put(w, hf.buf)
         hf.buf = NULL
         hf.off = 0
@@ -199,9 +197,9 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
                 hf.len = n - s
                 dst.writable = 0
                 return 0
-            if <size_t>n >= SPLICE_MIN and w.splice and hf.splicing == 0 and pipe_get(w, hf) == 0:
+            if <size_t>n >= SPLICE_MIN and w.splice and hf.splicing == 0 \
+                    and start_splice(w, hf) == 0:
                 # Bulk: splice the rest of this burst and what follows.
-                hf.splicing = 1
                 rc = splice_half(w, p, h, budget, n)
                 if rc != 1:
                     return rc

@@ -92,8 +92,7 @@ class _Worker(Pump):
         # splice() into a socket whose peer is gone raises SIGPIPE (no MSG_NOSIGNAL there):
         # blocked in this thread, it stays pending instead of killing the process.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
-        next_scan = now = 0.0
-        last_event = -self.busy_poll - 1
+        next_scan = now = last_event = 0.0
         while True:
             busy = self.pairs or (self.want_listen and not self.listening)
             if self.ready or now - last_event < self.busy_poll:
@@ -284,8 +283,8 @@ class _Worker(Pump):
             sock.close()  # also leaves the epoll set
         pair.dead = True
         pair.pending = [b"", b""]
-        self._pipe_put(pair, 0)
-        self._pipe_put(pair, 1)
+        self._end_splice(pair, 0, 0)
+        self._end_splice(pair, 1, 0)
         self.finished += 1
         self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
@@ -307,6 +306,7 @@ class Relay:
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
         self._results: deque[Result] = deque()
+        self._splice = splice
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._workers = [
             _Worker(bufsize, idle_timeout, self._notify_fd, self._results, splice, busy_poll)
@@ -333,8 +333,9 @@ class Relay:
             raise ValueError("two distinct open fds are needed")
         side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         socks = [socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)]
-        for sock in socks:  # a blocking fd would let one splice() hold up the thread
-            sock.setblocking(False)
+        if self._splice:  # a blocking fd would let one splice() hold up the thread
+            for sock in socks:
+                sock.setblocking(False)
         worker = min(self._workers, key=lambda w: w.active)
         worker.push(_Pair(socks, conn_id, side))
 

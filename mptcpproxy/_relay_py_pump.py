@@ -34,8 +34,8 @@ class _Pair:
         self.writable = [False, False]
         self.rdhup = [False, False]  # FIN (or an error) signalled: read on until EOF
         self.pending = [b"", b""]  # per half: bytes the destination would not take
-        self.splicing = [0, 0]  # per half: 1 splicing, -1 splice() not supported here
-        self.pipe: list[tuple[int, int] | None] = [None, None]  # held while splicing
+        self.splicing = [0, 0]  # per half: 1 splicing (it holds `pipe`), -1 not supported
+        self.pipe: list[tuple[int, int] | None] = [None, None]
         self.inpipe = [0, 0]  # bytes in the pipe, not yet sent on
         self.nbytes = [0, 0]
         self.done = [False, False]
@@ -71,6 +71,7 @@ class Pump:
     pipes: list[tuple[int, int]]
     ready: list[_Pair]
     nbytes: int
+
     def _pump(self, pair: _Pair, now: float) -> None:
         if self._pump_half(pair, 0, now) and self._pump_half(pair, 1, now):
             if pair.done[0] and pair.done[1]:
@@ -133,8 +134,8 @@ class Pump:
                 pair.writable[d] = False
                 return True
             if (len(data) >= SPLICE_MIN and self.splice and pair.splicing[h] == 0
-                    and self._pipe_get(pair, h)):
-                pair.splicing[h] = 1  # bulk: splice the rest of this burst and what follows
+                    and self._start_splice(pair, h)):
+                # bulk: splice the rest of this burst and what follows
                 spliced = self._splice_half(pair, h, now, budget, len(data))
                 if spliced is not None:
                     return spliced
@@ -200,8 +201,7 @@ class Pump:
                 break
             except OSError as exc:
                 if exc.errno in (E.EINVAL, E.ENOSYS):
-                    pair.splicing[h] = -1  # nothing was moved: copy this half from now on
-                    self._pipe_put(pair, h)
+                    self._end_splice(pair, h, -1)  # nothing moved: copy from now on
                     return None
                 return self._fail(pair, exc.errno or 0)
             if n == 0:
@@ -211,37 +211,40 @@ class Pump:
             moved += n
             pair.last = now
         if moved < SPLICE_MIN or pair.done[h]:
-            pair.splicing[h] = 0  # the bulk is over: copy again, give the pipe back
-            self._pipe_put(pair, h)
+            self._end_splice(pair, h, 0)  # the bulk is over: copy again
         return True
 
-    def _pipe_get(self, pair: _Pair, h: int) -> bool:
+    def _start_splice(self, pair: _Pair, h: int) -> bool:
+        """The half starts splicing, with an empty pipe; False (it copies) when there is
+        none (out of fds)."""
         if self.pipes:
             pair.pipe[h] = self.pipes.pop()
         else:
             try:
                 fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
-                return False  # out of fds: this half copies
+                return False
             try:
                 fcntl.fcntl(fds[1], fcntl.F_SETPIPE_SZ, self.bufsize)
             except OSError:
                 pass  # the kernel's default size then
             pair.pipe[h] = fds
+        pair.splicing[h] = 1
         pair.inpipe[h] = 0
         return True
 
-    def _pipe_put(self, pair: _Pair, h: int) -> None:
-        # An empty pipe goes back to the pool; one still holding bytes is closed with them.
+    def _end_splice(self, pair: _Pair, h: int, state: int) -> None:
+        """The half stops splicing (state 0: until the next bulk; -1: for good). An empty
+        pipe goes back to the pool; one still holding bytes is closed with them."""
         fds = pair.pipe[h]
-        if fds is None:
-            return
-        if pair.inpipe[h] == 0 and len(self.pipes) < POOL_KEEP:
-            self.pipes.append(fds)
-        else:
-            os.close(fds[0])
-            os.close(fds[1])
-        pair.pipe[h] = None
+        if fds is not None:
+            if pair.inpipe[h] == 0 and len(self.pipes) < POOL_KEEP:
+                self.pipes.append(fds)
+            else:
+                os.close(fds[0])
+                os.close(fds[1])
+            pair.pipe[h] = None
+        pair.splicing[h] = state
         pair.inpipe[h] = 0
 
     def _fail(self, pair: _Pair, err: int) -> bool:
