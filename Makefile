@@ -63,7 +63,7 @@ testinstalled: deps wheel
 	cp -r test contrib pyproject.toml "$$tmp/"; cd "$$tmp"; \
 	"$$tmp/venv/bin/mptcp-proxy" --version; \
 	test -f "$$tmp/venv/share/man/man1/mptcp-proxy.1"; \
-	"$$tmp/venv/bin/python" -c 'import mptcpproxy._relay as r; assert "/site-packages/" in r.__file__, r.__file__; print("testing", r.__file__)'; \
+	"$$tmp/venv/bin/python" -c 'import mptcpproxy.relay._relay as r; assert "/site-packages/" in r.__file__, r.__file__; print("testing", r.__file__)'; \
 	MPTCPPROXY_REQUIRE_EXTENSION=1 "$$tmp/venv/bin/python" -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
 
 # mptcp-proxy.1 from cli.build_parser() and man/mptcp-proxy.include ([tool.build_manpages])
@@ -71,7 +71,7 @@ man: venv
 	$(PY) setup.py -q build_manpages
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info mptcpproxy/*.so mptcpproxy/_relay.c mptcpproxy/*.html
+	rm -rf build dist wheelhouse *.egg-info mptcpproxy/relay/*.so mptcpproxy/relay/_relay.c mptcpproxy/relay/*.html
 	rm -f mptcp-proxy.1
 
 # the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python

@@ -18,8 +18,8 @@ directives = {
 
 extensions = [
     Extension(
-        "mptcpproxy._relay",
-        ["mptcpproxy/_relay.pyx"],
+        "mptcpproxy.relay._relay",
+        ["mptcpproxy/relay/_relay.pyx"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O2"],
     )
 ]

@@ -34,8 +34,8 @@ FD_RESERVE = 100  # listeners, epoll and event fds of a proxy
 BOOT = "import sys; sys.path.pop(0); from mptcpproxy.cli import main; sys.exit(main())"
 PROXY = [PY, "-c", BOOT]
 # The pure-Python twin, forced without touching the package: a None entry in sys.modules
-# makes `import mptcpproxy._relay` fail, so relay.py falls back to _relay_py.
-TWIN = [PY, "-c", BOOT.replace("from mptcpproxy", "sys.modules['mptcpproxy._relay'] = None; "
+# makes `import mptcpproxy.relay._relay` fail, so relay.py falls back to _relay_py.
+TWIN = [PY, "-c", BOOT.replace("from mptcpproxy", "sys.modules['mptcpproxy.relay._relay'] = None; "
                                                   "from mptcpproxy", 1)]
 NS_SYSCTLS = {
     # 10,000 held connections and the connection-rate test churn through ports quickly;

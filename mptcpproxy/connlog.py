@@ -8,7 +8,7 @@ import os
 import socket
 
 from mptcpproxy import sockets
-from mptcpproxy._results import Result
+from mptcpproxy.relay._results import Result
 
 log = logging.getLogger("mptcpproxy")
 

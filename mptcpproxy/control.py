@@ -13,12 +13,12 @@ import socket
 import time
 
 from mptcpproxy import connlog, origdst, sockets
-from mptcpproxy._results import ACCEPT_ERROR, FAILED, Result
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.connect import Attempt, literal, resolve
 from mptcpproxy.connlog import Conn, reason
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay
+from mptcpproxy.relay._results import ACCEPT_ERROR, FAILED, Result
 from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
-from mptcpproxy._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
+from mptcpproxy.relay._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
 
 CLOSE_REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED)  # how a relayed connection ends
 

@@ -69,7 +69,7 @@ def no_fd_leak():
 def engine(request):
     """The relay class, once for the compiled engine and once for its pure-Python twin."""
     if request.param == "c":
-        from mptcpproxy._relay import Relay  # no fallback here: a missing build fails
+        from mptcpproxy.relay._relay import Relay  # no fallback here: a missing build fails
     else:
-        from mptcpproxy._relay_py import Relay
+        from mptcpproxy.relay._relay_py import Relay
     return Relay

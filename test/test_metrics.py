@@ -14,8 +14,8 @@ import pytest
 import uvloop
 from prometheus_client import parser  # tests only: an independent reader of the format
 
-from mptcpproxy._results import Result, WorkerStats
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
+from mptcpproxy.relay._results import Result, WorkerStats
 
 TIMEOUT = 10.0
 

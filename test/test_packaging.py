@@ -188,7 +188,7 @@ def test_page_generation_imports_no_extension() -> None:
     assert proc.returncode == 0, proc.stderr
     loaded = set(proc.stdout.split())
     assert "mptcpproxy.cli" in loaded
-    unwanted = {"mptcpproxy._relay", "mptcpproxy.relay", "mptcpproxy.control", "uvloop"}
+    unwanted = {"mptcpproxy.relay._relay", "mptcpproxy.relay", "mptcpproxy.control", "uvloop"}
     assert not loaded & unwanted, f"page generation imported {sorted(loaded & unwanted)}"
 
 
@@ -199,10 +199,11 @@ def test_sdist_has_the_sources_and_nothing_generated(dists: tuple[Path, Path]) -
     with tarfile.open(sdist) as tf:
         names = {name.split("/", 1)[1] for name in tf.getnames() if "/" in name}
     sources = [p.relative_to(REPO).as_posix()
-               for folder, pattern in (("mptcpproxy", "*.py*"), ("mptcpproxy", "*.px[di]"),
+               for folder, pattern in (("mptcpproxy", "**/*.py*"), ("mptcpproxy", "**/*.px[di]"),
                                        ("test", "*.py"), ("contrib", "*"), ("man", "*"))
                for p in (REPO / folder).glob(pattern) if p.is_file() and p.suffix != ".pyc"]
-    for needed in ("mptcpproxy/_relay.pyx", "mptcpproxy/_relay_api.pxi", "man/mptcp-proxy.include"):
+    for needed in ("mptcpproxy/relay/_relay.pyx", "mptcpproxy/relay/_relay_api.pxi",
+                   "man/mptcp-proxy.include"):
         assert needed in sources
     for needed in [*sources, "pyproject.toml", "setup.py", "MANIFEST.in"]:
         assert needed in names, f"{needed} is not in {sdist.name}"
@@ -218,7 +219,7 @@ def test_wheel_has_the_extension_and_no_sources(dists: tuple[Path, Path]) -> Non
         info = f"mptcpproxy-{_version()}.dist-info"
         metadata = zf.read(f"{info}/METADATA").decode()
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
-    assert any(re.fullmatch(r"mptcpproxy/_relay\.cpython-.*\.so", n) for n in names), names
+    assert any(re.fullmatch(r"mptcpproxy/relay/_relay\.cpython-.*\.so", n) for n in names), names
     sources = [n for n in names if n.endswith((".c", ".pyx", ".pxi"))]
     assert not sources, f"{wheel.name} carries sources: {sources}"
     assert f"\nVersion: {_version()}\n" in metadata

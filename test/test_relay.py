@@ -91,7 +91,8 @@ def run_threads(*targets) -> None:
 
 def test_compiled_extension_loaded():
     # The suite must exercise the C engine: a silent fallback to the twin is a failure.
-    from mptcpproxy import _relay, relay
+    from mptcpproxy import relay
+    from mptcpproxy.relay import _relay
 
     assert relay.ENGINE == "c"
     assert relay.Relay is _relay.Relay
@@ -221,9 +222,9 @@ EPIPE_SCRIPT = textwrap.dedent("""
     from test_relay import Chain, tcp_pair, wait_results
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a send without MSG_NOSIGNAL would kill us
     if sys.argv[1] == "c":
-        from mptcpproxy._relay import Relay
+        from mptcpproxy.relay._relay import Relay
     else:
-        from mptcpproxy._relay_py import Relay
+        from mptcpproxy.relay._relay_py import Relay
     relay = Relay(splice=sys.argv[3] == "splice")  # splice(): the sends are splice() calls
     chain = Chain(relay, make=tcp_pair)
     chain.right.close()  # gone: the relay's next sends toward it fail
@@ -240,7 +241,7 @@ EPIPE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("how", ["copy", "splice"])
 def test_epipe_does_not_raise_sigpipe(engine, how):
-    name = "c" if engine.__module__ == "mptcpproxy._relay" else "py"
+    name = "c" if engine.__module__ == "mptcpproxy.relay._relay" else "py"
     proc = subprocess.run(
         [sys.executable, "-c", EPIPE_SCRIPT, name, os.path.dirname(__file__), how],
         capture_output=True, text=True, timeout=60,

@@ -14,8 +14,8 @@ import threading
 import time
 from collections import deque
 
-from mptcpproxy._relay_py_pump import Pump, _Pair
-from mptcpproxy._results import (
+from mptcpproxy.relay._relay_py_pump import Pump, _Pair
+from mptcpproxy.relay._results import (
     ABORTED,
     ACCEPT_ERROR,
     ERROR,

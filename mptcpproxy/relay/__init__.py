@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 
 try:
-    from mptcpproxy._relay import Relay
+    from mptcpproxy.relay._relay import Relay
 
     ENGINE = "c"
 except ImportError as exc:
     if os.environ.get("MPTCPPROXY_REQUIRE_EXTENSION") == "1":
         raise ImportError(
-            f"the compiled relay mptcpproxy._relay did not load ({exc}); build it with "
+            f"the compiled relay mptcpproxy.relay._relay did not load ({exc}); build it with "
             "'make build' or unset MPTCPPROXY_REQUIRE_EXTENSION"
         ) from exc
-    from mptcpproxy._relay_py import Relay  # type: ignore[assignment]
+    from mptcpproxy.relay._relay_py import Relay  # type: ignore[assignment]
 
     ENGINE = "py"
 

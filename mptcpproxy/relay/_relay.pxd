@@ -1,7 +1,7 @@
 # The relay's C state: enums and structs, shared by _relay.pyx and its includes.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from mptcpproxy cimport _sys as c
+from mptcpproxy.relay cimport _sys as c
 
 
 cdef enum:

@@ -10,7 +10,7 @@ import os
 import socket
 import time
 
-from mptcpproxy._results import CLOSED, ERROR, RESET
+from mptcpproxy.relay._results import CLOSED, ERROR, RESET
 from mptcpproxy.sockets import MPTCP_INFO, SOL_MPTCP, TCP_IS_MPTCP
 
 READ_BUDGET = 16

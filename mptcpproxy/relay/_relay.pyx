@@ -1,18 +1,18 @@
 # The relay engine: one epoll per worker thread, edge-triggered, recv/send on raw fds,
-# the whole loop inside `with nogil`. See DESIGN.md "The relay, precisely".
+# the whole loop inside `with nogil`. See docs/design.md "The relay, precisely".
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
-from mptcpproxy cimport _sys as c
+from mptcpproxy.relay cimport _sys as c
 
 import os
 import socket
 import struct
 import threading
 
-from mptcpproxy._results import REASONS, Result, WorkerStats
+from mptcpproxy.relay._results import REASONS, Result, WorkerStats
 
 
 cdef inline int64_t now_ns() noexcept nogil:

@@ -1,10 +1,10 @@
 """The relay engine: worker threads that pump bytes between pairs of connected sockets.
 
-`mptcpproxy._relay` (Cython, GIL released in the loop) and `mptcpproxy._relay_py`
+`mptcpproxy.relay._relay` (Cython, GIL released in the loop) and `mptcpproxy.relay._relay_py`
 (pure Python) implement this same API; `mptcpproxy.relay` picks one.
 """
 
-from mptcpproxy._results import Result, WorkerStats
+from mptcpproxy.relay._results import Result, WorkerStats
 
 class Relay:
     def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
