@@ -3,6 +3,7 @@ fixed upstream), for both engines (ids c / py)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -152,16 +153,26 @@ def test_listen_reports_an_unreachable_upstream(engine):
         lsock.close()
 
 
-def test_listen_gives_up_after_the_connect_timeout(engine):
-    # A listener that never accepts, its backlog full: further SYNs are dropped.
+@contextlib.contextmanager
+def silent_upstream():
+    """The address of a listener that never accepts, its backlog full: SYNs are dropped."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(0)
         filler = [socket.socket() for _ in range(3)]
-        for f in filler:
-            f.setblocking(False)
-            f.connect_ex(silent.getsockname())
-        relay, lsock = listening_relay(engine, silent.getsockname(), connect_timeout=0.5)
+        try:
+            for f in filler:
+                f.setblocking(False)
+                f.connect_ex(silent.getsockname())
+            yield silent.getsockname()
+        finally:
+            for f in filler:
+                f.close()
+
+
+def test_listen_gives_up_after_the_connect_timeout(engine):
+    with silent_upstream() as addr:
+        relay, lsock = listening_relay(engine, addr, connect_timeout=0.5)
         try:
             with socket.create_connection(lsock.getsockname(), timeout=TIMEOUT) as client:
                 assert client.recv(10) == b""
@@ -170,5 +181,3 @@ def test_listen_gives_up_after_the_connect_timeout(engine):
         finally:
             relay.close()
             lsock.close()
-            for f in filler:
-                f.close()

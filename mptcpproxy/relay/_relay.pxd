@@ -115,8 +115,8 @@ cdef struct WorkerState:
     int64_t now
     int64_t idle_ns
     int64_t next_scan
-    uint64_t total  # written by the control thread only (under lock)
-    uint64_t finished  # written by the worker only
+    uint64_t total  # pairs handed over or accepted: written under lock, read atomically
+    uint64_t finished  # written by the worker only, read atomically (active_pairs)
     uint64_t nbytes
     int fatal_errno
     # accept + connect in the worker (Relay.listen): the fast path for a fixed upstream

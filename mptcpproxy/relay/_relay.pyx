@@ -7,12 +7,14 @@ from libc.string cimport memcpy, memset
 
 from mptcpproxy.relay cimport _sys as c
 
+import errno
 import os
 import socket
+import stat
 import struct
 import threading
 
-from mptcpproxy.relay._results import REASONS, Result, WorkerStats
+from mptcpproxy.relay._results import MAX_SECONDS, REASONS, Result, WorkerStats
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -21,23 +23,55 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * NS + ts.tv_nsec
 
 
+cdef inline uint64_t active_pairs(WorkerState *w) noexcept nogil:
+    # Pairs open on a worker, read from another thread: `finished` first, then `total`
+    # (each published with release order), so the difference can never go below zero.
+    cdef uint64_t finished = c.__atomic_load_n(&w.finished, c.__ATOMIC_ACQUIRE)
+    cdef uint64_t total = c.__atomic_load_n(&w.total, c.__ATOMIC_ACQUIRE)
+    return total - finished if total > finished else 0
+
+
+cdef int established_subflows(int fd) noexcept nogil:
+    # Subflows whose handshake completed, from MPTCP_FULL_INFO's per-subflow tcp_info:
+    # mptcpi_subflows also counts a join still waiting for its answer, and a refused one.
+    # -1 when the kernel lacks MPTCP_FULL_INFO (before 6.5).
+    cdef c.mptcp_full_info mfi
+    cdef c.tcp_info_head tcpi[c.MAX_SUBFLOWS]
+    cdef c.socklen_t mlen = sizeof(mfi)
+    cdef uint32_t i, n
+    cdef int count = 0
+    memset(&mfi, 0, sizeof(mfi))
+    mfi.size_tcpinfo_user = sizeof(c.tcp_info_head)
+    mfi.size_arrays_user = c.MAX_SUBFLOWS
+    mfi.tcp_info = <uint64_t>&tcpi[0]
+    if c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_FULL_INFO, &mfi, &mlen) != 0:
+        return -1
+    n = mfi.num_subflows if mfi.num_subflows < c.MAX_SUBFLOWS else c.MAX_SUBFLOWS
+    for i in range(n):
+        # ESTABLISHED, FIN_WAIT1/2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING: the handshake
+        # completed (SYN_SENT/SYN_RECV: a join under way; CLOSE: refused, or gone).
+        if tcpi[i].tcpi_state in (1, 4, 5, 6, 8, 9, 11):
+            count += 1
+    return count
+
+
 cdef void sample_mptcp(Pair *p) noexcept nogil:
     # TCP_IS_MPTCP: 1 while the connection really runs MPTCP, 0 after a fallback to TCP.
-    cdef int val = 0
+    cdef int val = 0, n
     cdef c.socklen_t vlen = sizeof(val)
-    cdef c.mptcp_info_head info
+    cdef c.mptcp_info info
     cdef c.socklen_t ilen = sizeof(info)
-    if p.mptcp_side < 0:
+    if p.mptcp_side < 0 or p.connecting:
         return
     cdef int fd = p.side[p.mptcp_side].fd
     if c.getsockopt(fd, c.IPPROTO_TCP, c.TCP_IS_MPTCP, &val, &vlen) != 0 or val == 0:
         return
     p.is_mptcp = 1
-    if p.subflows < 1:
-        p.subflows = 1
-    if c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_INFO, &info, &ilen) == 0 and ilen >= 1:
-        if info.mptcpi_subflows + 1 > p.subflows:
-            p.subflows = info.mptcpi_subflows + 1
+    n = established_subflows(fd)
+    if n < 0 and c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_INFO, &info, &ilen) == 0 and ilen >= 1:
+        n = info.mptcpi_subflows + 1  # an older kernel: joins under way are counted too
+    if n > p.subflows:
+        p.subflows = n
 
 
 cdef void set_rst(int fd) noexcept nogil:
@@ -48,19 +82,37 @@ cdef void set_rst(int fd) noexcept nogil:
     c.setsockopt(fd, c.SOL_SOCKET, c.SO_LINGER, &lg, sizeof(lg))
 
 
+cdef inline int holds_bytes(Pair *p) noexcept nogil:
+    # Bytes read from one peer and not yet delivered to the other (a buffer or a pipe).
+    return (p.half[0].len > 0 or p.half[1].len > 0
+            or p.half[0].inpipe > 0 or p.half[1].inpipe > 0)
+
+
 cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     cdef int i
     cdef Done *d
+    cdef c.epoll_event ev
     if p.dead:
         return
-    sample_mptcp(p)
-    if reason == R_RESET or reason == R_ERROR or reason == R_ABORTED:
-        # Pass an abortive close on as an abortive close: the peers learn the stream is cut.
+    if reason == R_FAILED:
+        # Never connected: no MPTCP status, no bytes, whatever the upstream socket says.
+        p.is_mptcp = 0
+        p.subflows = 0
+    else:
+        sample_mptcp(p)
+    if (reason == R_RESET or reason == R_ERROR or reason == R_ABORTED
+            or (reason == R_TIMEOUT and holds_bytes(p))):
+        # Pass an abortive close on as an abortive close: the peers learn the stream is cut
+        # (a FIN would tell the receiver of undelivered bytes that it had them all).
         set_rst(p.side[0].fd)
         set_rst(p.side[1].fd)
     for i in range(2):
         if p.side[i].fd >= 0:
+            # Out of the epoll set before close(): the open file can outlive this fd (a dup,
+            # a child between fork and exec), and its events would point at freed memory.
+            c.epoll_ctl(w.epfd, c.EPOLL_CTL_DEL, p.side[i].fd, &ev)
             c.close(p.side[i].fd)
+            p.side[i].fd = -1
         pool_put(w, p.half[i].buf)
         p.half[i].buf = NULL
         end_splice(w, &p.half[i], 0)
@@ -74,7 +126,8 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     # Freed after the batch: later events of this batch may still point at it.
     p.next = w.graveyard
     w.graveyard = p
-    w.finished += 1
+    # Read by the control thread (active = total - finished): published with release order.
+    c.__atomic_store_n(&w.finished, w.finished + 1, c.__ATOMIC_RELEASE)
     d = put_done(w, reason, err)
     if d == NULL:
         return  # the pair is closed; only its report is lost under memory exhaustion
@@ -157,7 +210,10 @@ cdef int register(WorkerState *w, Pair *p) noexcept nogil:
 cdef void abort_all(WorkerState *w) noexcept nogil:
     take_incoming(w)
     while w.pairs != NULL:
-        finish(w, w.pairs, R_ABORTED, 0)
+        if w.pairs.connecting:  # its upstream never answered: a connect that was cut short
+            finish(w, w.pairs, R_FAILED, c.ECANCELED)
+        else:
+            finish(w, w.pairs, R_ABORTED, 0)
     w.want_listen = 0
     sync_listener(w)
 

@@ -75,7 +75,7 @@ cdef void accept_some(WorkerState *w) noexcept nogil:
         p.start_ns = now_ns()
         keep_client_address(p, &ss)
         c.pthread_mutex_lock(&w.lock)
-        w.total += 1
+        c.__atomic_fetch_add(&w.total, 1, c.__ATOMIC_RELEASE)
         c.pthread_mutex_unlock(&w.lock)
         p.next = w.pairs
         if w.pairs != NULL:

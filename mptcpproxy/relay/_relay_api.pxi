@@ -80,7 +80,7 @@ cdef class _Worker:
         c.pthread_mutex_lock(&self.w.lock)
         p.next = self.w.incoming
         self.w.incoming = p
-        self.w.total += 1
+        c.__atomic_fetch_add(&self.w.total, 1, c.__ATOMIC_RELEASE)
         c.pthread_mutex_unlock(&self.w.lock)
         c.write(self.w.wakefd, &one, sizeof(one))
 
@@ -117,7 +117,7 @@ cdef class _Worker:
 
     @property
     def active(self):
-        return self.w.total - self.w.finished
+        return active_pairs(&self.w)
 
     def __dealloc__(self):
         cdef int i
@@ -156,6 +156,8 @@ cdef class Relay:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
+        _check_seconds("idle_timeout", idle_timeout, True)
+        _check_seconds("busy_poll", busy_poll, True)
         self._results = []
         self._splice = splice
         self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
@@ -178,6 +180,14 @@ cdef class Relay:
         return sum([(<_Worker>w).active for w in self._workers])
 
     def add(self, int fd_a, int fd_b, conn_id, int mptcp_fd=-1):
+        # Both fds belong to the relay from this call on: if it fails, they are closed.
+        try:
+            self._add(fd_a, fd_b, conn_id, mptcp_fd)
+        except BaseException:
+            _close_fds(fd_a, fd_b)
+            raise
+
+    cdef _add(self, int fd_a, int fd_b, uint64_t conn_id, int mptcp_fd):
         cdef _Worker best = None
         cdef _Worker wk
         cdef Pair *p
@@ -185,13 +195,16 @@ cdef class Relay:
             raise RuntimeError("the relay is closed")
         if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
             raise ValueError("two distinct open fds are needed")
+        for fd in (fd_a, fd_b):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
         if self._splice:
             # A blocking fd would let one splice() (it has no MSG_DONTWAIT, unlike the
             # recv/send of the copy path) hold up the thread.
             os.set_blocking(fd_a, False)
             os.set_blocking(fd_b, False)
         for wk in self._workers:
-            if best is None or wk.w.total - wk.w.finished < best.w.total - best.w.finished:
+            if best is None or active_pairs(&wk.w) < active_pairs(&best.w):
                 best = wk
         p = <Pair *>calloc(1, sizeof(Pair))
         if p == NULL:
@@ -212,7 +225,13 @@ cdef class Relay:
                unsigned int mark=0, double connect_timeout=10.0):
         cdef _Worker w
         cdef int one = 1
+        if self._closed:
+            raise RuntimeError("the relay is closed")
+        _check_seconds("connect_timeout", connect_timeout, False)
         raw = _sockaddr_bytes(family, sockaddr)
+        # accept4() in a loop until EAGAIN: on a blocking listener the worker would hang in
+        # it as soon as another worker took the connection.
+        os.set_blocking(fd, False)
         # Accepted sockets inherit TCP_NODELAY: no setsockopt() per client.
         if c.setsockopt(fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one)) != 0:
             raise OSError(c.errno, os.strerror(c.errno))
@@ -263,6 +282,22 @@ cdef class Relay:
         if not self._closed and self._workers is not None:
             for w in self._workers:
                 w.signal_stop()
+
+
+def _close_fds(int fd_a, int fd_b):
+    for fd in {fd_a, fd_b}:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _check_seconds(name, double value, bint zero_ok):
+    # A time the engine holds in int64 nanoseconds: finite and below 2**63 ns (292 years).
+    if not (value >= 0 if zero_ok else value > 0) or not value <= MAX_SECONDS:
+        raise ValueError(f"{name} must be {'at least 0' if zero_ok else 'more than 0'} "
+                         f"and at most {MAX_SECONDS:g} seconds, not {value}")
 
 
 def _sockaddr_bytes(int family, tuple sockaddr):

@@ -49,13 +49,32 @@ cdef void end_splice(WorkerState *w, Half *hf, int state) noexcept nogil:
     hf.inpipe = 0
 
 
+cdef inline ssize_t send_some(int fd, const char *buf, size_t n) noexcept nogil:
+    # send() that retries EINTR: taken for EAGAIN, it left the half waiting for an EPOLLOUT
+    # edge that had already come, and the pair stalled.
+    cdef ssize_t s
+    while True:
+        s = c.send(fd, buf, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        if s >= 0 or c.errno != c.EINTR:
+            return s
+
+
+cdef inline ssize_t splice_out(int pipe_rd, int fd, size_t n) noexcept nogil:
+    # splice() from a pipe to the destination, retrying EINTR (as send_some).
+    cdef ssize_t s
+    while True:
+        s = c.splice(pipe_rd, NULL, fd, NULL, n, c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+        if s >= 0 or c.errno != c.EINTR:
+            return s
+
+
 cdef inline int flushed(WorkerState *w, Pair *p, int h, ssize_t n, int err,
                         size_t *pending) noexcept nogil:
     # The outcome of send() or splice() of bytes pending for side 1 - h, `n` as it
     # returned: 1 when none are left, 0 when the destination is full (wait for
     # EPOLLOUT), -1 when the pair was closed.
     if n < 0:
-        if err == c.EAGAIN or err == c.EINTR:
+        if err == c.EAGAIN:
             p.side[1 - h].writable = 0
             return 0
         fail(w, p, err)
@@ -105,8 +124,7 @@ cdef int splice_half(WorkerState *w, Pair *p, int h, int budget, size_t moved) n
         if hf.inpipe > 0:
             if not dst.writable:
                 return 0
-            n = c.splice(hf.pipe[0], NULL, dst.fd, NULL, hf.inpipe,
-                         c.SPLICE_F_MOVE | c.SPLICE_F_NONBLOCK)
+            n = splice_out(hf.pipe[0], dst.fd, hf.inpipe)
             rc = flushed(w, p, h, n, c.errno, &hf.inpipe)
             if rc <= 0:
                 return rc
@@ -158,7 +176,7 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
     if hf.len > 0:
         if not dst.writable:
             return 0
-        s = c.send(dst.fd, hf.buf + hf.off, hf.len, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+        s = send_some(dst.fd, hf.buf + hf.off, hf.len)
         if s > 0:
             hf.off += s
         rc = flushed(w, p, h, s, c.errno, &hf.len)
@@ -179,10 +197,10 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
             p.last_ns = w.now
             s = 0
             if dst.writable:
-                s = c.send(dst.fd, w.scratch, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
+                s = send_some(dst.fd, w.scratch, n)
                 err = c.errno
                 if s < 0:
-                    if err != c.EAGAIN and err != c.EINTR:
+                    if err != c.EAGAIN:
                         fail(w, p, err)
                         return -1
                     s = 0

@@ -20,6 +20,7 @@ from mptcpproxy.relay._results import (
     ACCEPT_ERROR,
     ERROR,
     FAILED,
+    MAX_SECONDS,
     RESET,
     TIMEOUT,
     Result,
@@ -54,6 +55,9 @@ class _Worker(Pump):
         self.incoming: list[_Pair] = []
         self.pairs: dict[int, tuple[_Pair, int]] = {}  # fd -> (pair, side)
         self.ready: list[_Pair] = []
+        # Sockets of pairs finished in this batch, closed after it: until then their fd
+        # numbers cannot be reused by a new pair that later events of the batch would reach.
+        self.graveyard: list[socket.socket] = []
         self.total = self.finished = self.nbytes = 0
         self.accepted = self.accept_errors = 0
         self.notify_pending, self.last_notify = False, 0.0
@@ -67,7 +71,10 @@ class _Worker(Pump):
 
     @property
     def active(self) -> int:
-        return self.total - self.finished
+        # `finished` first: a pair accepted and finished between two reads of the other
+        # order made this -1.
+        finished = self.finished
+        return max(self.total - finished, 0)
 
     def push(self, pair: _Pair) -> None:
         with self.lock:
@@ -141,6 +148,7 @@ class _Worker(Pump):
                 self._scan(now)
                 self._sync_listener(now)
                 next_scan = now + 0.25
+            self._bury()
             if self.notify_pending and now - self.last_notify >= NOTIFY_S:
                 # Each write wakes the control thread: at most one per NOTIFY_S.
                 self.notify_pending = False
@@ -149,9 +157,12 @@ class _Worker(Pump):
             if self.stopping:
                 self._take_incoming(now)
                 for pair, _ in list(self.pairs.values()):
-                    self._finish(pair, ABORTED, 0)
+                    # a pair whose upstream never answered: a connect that was cut short
+                    self._finish(pair, *((FAILED, E.ECANCELED) if pair.connecting
+                                         else (ABORTED, 0)))
                 self.want_listen = False
                 self._sync_listener(now)
+                self._bury()
                 return
 
     def _scan(self, now: float) -> None:
@@ -196,14 +207,19 @@ class _Worker(Pump):
     # -- accept + connect in the worker (Relay.listen) -------------------------------------
 
     def _sync_listener(self, now: float) -> None:
+        # A failing epoll_ctl leaves the state as it was, to be tried again at the next
+        # scan: the worker thread must not die of it (its pairs would hang).
         if self.listener is None:
             return
-        if self.want_listen and not self.listening and now >= self.resume_at:
-            self.ep.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-            self.listening = True
-        elif self.listening and (not self.want_listen or now < self.resume_at):
-            self.ep.unregister(self.listener.fileno())
-            self.listening = False
+        try:
+            if self.want_listen and not self.listening and now >= self.resume_at:
+                self.ep.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                self.listening = True
+            elif self.listening and (not self.want_listen or now < self.resume_at):
+                self.ep.unregister(self.listener.fileno())
+                self.listening = False
+        except (OSError, ValueError):
+            pass
 
     def _accept_some(self, now: float) -> None:
         family, sockaddr, proto, mptcp_side, mark, _ = self.upstream
@@ -236,12 +252,15 @@ class _Worker(Pump):
                     return
                 continue
             pair.socks[1] = up
-            up.setblocking(False)
-            if mark:
-                up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            # No Nagle delay added by the relay (the client has it from the listener).
-            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = up.connect_ex(sockaddr)
+            try:
+                up.setblocking(False)
+                if mark:  # as the compiled engine: a refused mark is not fatal here
+                    _try_setsockopt(up, socket.SOL_SOCKET, socket.SO_MARK, mark)
+                # No Nagle delay added by the relay (the client has it from the listener).
+                _try_setsockopt(up, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = up.connect_ex(sockaddr)
+            except OSError as exc:
+                err = exc.errno or E.EINVAL
             if err not in (0, E.EINPROGRESS):
                 self._finish(pair, FAILED, err)
                 continue
@@ -270,17 +289,24 @@ class _Worker(Pump):
     def _finish(self, pair: _Pair, reason: str, err: int) -> None:
         if pair.dead:
             return
-        pair.sample_mptcp()
+        if reason == FAILED:
+            pair.is_mptcp, pair.subflows = False, 0  # never connected: no MPTCP status
+        else:
+            pair.sample_mptcp()
+        rst = reason in (RESET, ERROR, ABORTED) or (reason == TIMEOUT and pair.holds_bytes())
         for sock in pair.socks:
             if sock is None:
                 continue
-            self.pairs.pop(sock.fileno(), None)
-            if reason in (RESET, ERROR, ABORTED):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-                except OSError:
-                    pass
-            sock.close()  # also leaves the epoll set
+            fd = sock.fileno()
+            self.pairs.pop(fd, None)
+            try:
+                # out of the epoll set before close(): the open file can outlive the fd
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass  # never registered (a failed connect, a failed register)
+            if rst:  # a FIN would tell the receiver of undelivered bytes it had them all
+                _try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self.graveyard.append(sock)
         pair.dead = True
         pair.pending = [b"", b""]
         self._end_splice(pair, 0, 0)
@@ -291,9 +317,35 @@ class _Worker(Pump):
             reason, err, pair.is_mptcp, pair.subflows, pair.client,
         ))
 
+    def _bury(self) -> None:
+        graveyard, self.graveyard = self.graveyard, []
+        for sock in graveyard:
+            sock.close()
+
     def _report(self, result: Result) -> None:
         self.results.append(result)
         self.notify_pending = True
+
+
+def _try_setsockopt(sock: socket.socket, level: int, opt: int, value) -> None:
+    try:
+        sock.setsockopt(level, opt, value)
+    except OSError:
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _check_seconds(name: str, value: float, zero_ok: bool) -> None:
+    # The same bounds as the compiled engine, which holds times as int64 nanoseconds.
+    if not (value >= 0 if zero_ok else value > 0) or not value <= MAX_SECONDS:
+        raise ValueError(f"{name} must be {'at least 0' if zero_ok else 'more than 0'} "
+                         f"and at most {MAX_SECONDS:g} seconds, not {value}")
 
 
 class Relay:
@@ -305,6 +357,8 @@ class Relay:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
+        _check_seconds("idle_timeout", idle_timeout, True)
+        _check_seconds("busy_poll", busy_poll, True)
         self._results: deque[Result] = deque()
         self._splice = splice
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -327,15 +381,26 @@ class Relay:
         return sum(w.active for w in self._workers)
 
     def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1) -> None:
-        if self._closed:
-            raise RuntimeError("the relay is closed")
-        if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
-            raise ValueError("two distinct open fds are needed")
-        side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
-        socks = [socket.socket(fileno=fd_a), socket.socket(fileno=fd_b)]
-        if self._splice:  # a blocking fd would let one splice() hold up the thread
+        # Both fds belong to the relay from this call on: if it fails, they are closed.
+        socks: list[socket.socket] = []
+        try:
+            if self._closed:
+                raise RuntimeError("the relay is closed")
+            if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
+                raise ValueError("two distinct open fds are needed")
+            for fd in (fd_a, fd_b):
+                socks.append(socket.socket(fileno=fd))
+            if self._splice:  # a blocking fd would let one splice() hold up the thread
+                for sock in socks:
+                    sock.setblocking(False)
+        except BaseException:
             for sock in socks:
-                sock.setblocking(False)
+                sock.close()
+            for fd in {fd_a, fd_b}.difference(s.fileno() for s in socks if s.fileno() >= 0):
+                if fd >= 0:
+                    _close_quietly(fd)
+            raise
+        side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         worker = min(self._workers, key=lambda w: w.active)
         worker.push(_Pair(socks, conn_id, side))
 
@@ -344,7 +409,12 @@ class Relay:
 
     def listen(self, fd: int, family: int, sockaddr: tuple, mptcp: bool, mptcp_side: int = -1,
                mark: int = 0, connect_timeout: float = 10.0) -> None:
+        if self._closed:
+            raise RuntimeError("the relay is closed")
+        _check_seconds("connect_timeout", connect_timeout, False)
         self._listener = socket.socket(fileno=fd)  # the caller's fd: detached, never closed
+        # accept() in a loop until EAGAIN: a blocking listener would hang the worker
+        self._listener.setblocking(False)
         # Accepted sockets inherit TCP_NODELAY: no setsockopt() per client.
         self._listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for w in self._workers:

@@ -4,19 +4,46 @@ splice() through a pipe for bulk. A mixin of `_relay_py._Worker`; keep it in ste
 
 from __future__ import annotations
 
+import ctypes
 import errno as E
 import fcntl
 import os
 import socket
+import struct
 import time
 
 from mptcpproxy.relay._results import CLOSED, ERROR, RESET
 from mptcpproxy.sockets import MPTCP_INFO, SOL_MPTCP, TCP_IS_MPTCP
 
+MPTCP_FULL_INFO = 4  # Linux 6.5+
+
 READ_BUDGET = 16
 POOL_KEEP = 8  # spare empty pipes a worker keeps
 SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_TCPI_SIZE = 8  # bytes of tcp_info read per subflow: tcpi_state is the first
+MAX_SUBFLOWS = 16
+# ESTABLISHED, FIN_WAIT1/2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING: the handshake completed
+_HANDSHAKE_DONE = frozenset((1, 4, 5, 6, 8, 9, 11))
+
+
+def established_subflows(fd: int) -> int | None:
+    """Subflows whose handshake completed (MPTCP_FULL_INFO); None before Linux 6.5.
+
+    The request header (user sizes, array pointers) must be filled in, which Python's
+    socket.getsockopt() cannot do: libc's getsockopt() through ctypes."""
+    tcpi = ctypes.create_string_buffer(_TCPI_SIZE * MAX_SUBFLOWS)
+    head = struct.pack("=6I2Q", 0, _TCPI_SIZE, 0, 0, 0, MAX_SUBFLOWS, 0,
+                       ctypes.addressof(tcpi))
+    buf = ctypes.create_string_buffer(head + bytes(96), len(head) + 96)
+    size = ctypes.c_uint32(len(buf))
+    if _libc.getsockopt(fd, SOL_MPTCP, MPTCP_FULL_INFO, buf, ctypes.byref(size)) != 0:
+        return None
+    n = min(struct.unpack_from("=I", buf, 16)[0], MAX_SUBFLOWS)
+    return sum(1 for i in range(n) if tcpi.raw[i * _TCPI_SIZE] in _HANDSHAKE_DONE)
+
 
 class _Pair:
     __slots__ = (
@@ -47,17 +74,22 @@ class _Pair:
         self.dead = False
         self.queued = False
 
+    def holds_bytes(self) -> bool:
+        """Bytes read from one peer and not yet delivered to the other."""
+        return bool(self.pending[0] or self.pending[1] or self.inpipe[0] or self.inpipe[1])
+
     def sample_mptcp(self) -> None:
-        if self.mptcp_side < 0:
+        if self.mptcp_side < 0 or self.connecting:
             return
         sock = self.socks[self.mptcp_side]
         try:
             if not sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP):
                 return
             self.is_mptcp = True
-            self.subflows = max(self.subflows, 1)
-            info = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 4)
-            self.subflows = max(self.subflows, info[0] + 1)
+            n = established_subflows(sock.fileno())
+            if n is None:  # an older kernel: joins under way are counted too
+                n = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 4)[0] + 1
+            self.subflows = max(self.subflows, n)
         except OSError:
             pass
 

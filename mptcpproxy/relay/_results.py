@@ -14,6 +14,10 @@ FAILED = "failed"  # Relay.listen: the upstream could not be reached (errno says
 ACCEPT_ERROR = "accept_error"  # Relay.listen: not a pair, accept() failed (errno)
 REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED, FAILED, ACCEPT_ERROR)
 
+# The longest time either engine takes (idle_timeout, connect_timeout, busy_poll): the
+# compiled one holds times as int64 nanoseconds.
+MAX_SECONDS = 1e9
+
 
 class Result(NamedTuple):
     """What one finished pair reports."""

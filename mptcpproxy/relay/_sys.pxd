@@ -18,6 +18,8 @@ cdef extern from "<errno.h>" nogil:
         ENOMEM
         EINVAL
         ENOSYS
+        ECANCELED
+        EOPNOTSUPP
     # EWOULDBLOCK == EAGAIN on Linux: declared as int so Cython emits no duplicate case.
     int EWOULDBLOCK
 
@@ -150,10 +152,15 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 
 cdef extern from * nogil:
-    # GCC/Clang builtin: the connection-id counter shared by all threads.
+    # GCC/Clang builtins: the connection-id counter shared by all threads, and the pair
+    # counters one thread writes while another reads them.
     uint64_t __atomic_fetch_add(uint64_t *ptr, uint64_t val, int memorder)
+    uint64_t __atomic_load_n(uint64_t *ptr, int memorder)
+    void __atomic_store_n(uint64_t *ptr, uint64_t val, int memorder)
     enum:
         __ATOMIC_RELAXED
+        __ATOMIC_ACQUIRE
+        __ATOMIC_RELEASE
 
 
 cdef extern from "<time.h>" nogil:
@@ -179,12 +186,41 @@ cdef extern from "<pthread.h>" nogil:
 cdef enum:
     SOL_MPTCP = 284
     MPTCP_INFO = 1
+    MPTCP_FULL_INFO = 4  # Linux 6.5+
     TCP_IS_MPTCP = 43
+    MAX_SUBFLOWS = 16  # entries read per MPTCP_FULL_INFO call (the kernel allows 8 + 1)
 
 
-cdef struct mptcp_info_head:
-    # The leading fields of struct mptcp_info; the kernel copies min(optlen, its size).
-    uint8_t mptcpi_subflows  # additional subflows, the first not counted
+cdef struct mptcp_info:
+    # struct mptcp_info of Linux 6.18 (96 bytes); the kernel copies min(optlen, its size).
+    uint8_t mptcpi_subflows  # additional subflows, the first not counted, pending joins too
     uint8_t mptcpi_add_addr_signal
     uint8_t mptcpi_add_addr_accepted
     uint8_t mptcpi_subflows_max
+    uint8_t rest[92]
+
+
+cdef struct mptcp_full_info:
+    # MPTCP_FULL_INFO (include/uapi/linux/mptcp.h): a request header the caller fills (the
+    # user sizes and array pointers), the kernel's answer in the same buffer.
+    uint32_t size_tcpinfo_kernel  # out
+    uint32_t size_tcpinfo_user  # in: bytes of tcp_info wanted per subflow
+    uint32_t size_sfinfo_kernel  # out
+    uint32_t size_sfinfo_user  # in: bytes of mptcp_subflow_info wanted per subflow
+    uint32_t num_subflows  # out: all subflows, also those the arrays had no room for
+    uint32_t size_arrays_user  # in: entries in each array
+    uint64_t subflow_info  # in: user pointer
+    uint64_t tcp_info  # in: user pointer
+    mptcp_info info  # out
+
+
+cdef struct tcp_info_head:
+    # The leading bytes of struct tcp_info.
+    uint8_t tcpi_state
+    uint8_t tcpi_ca_state
+    uint8_t tcpi_retransmits
+    uint8_t tcpi_probes
+    uint8_t tcpi_backoff
+    uint8_t tcpi_options
+    uint8_t tcpi_wscale
+    uint8_t tcpi_flags
