@@ -1,9 +1,10 @@
 """`mptcp-proxy --check`: can MPTCP open extra subflows in this network namespace?
 
-Reads the `net.mptcp.*` sysctls, tries to create an MPTCP socket, and reads the in-kernel
-path manager's limits and endpoints with `ip` (iproute2). Then says in plain words what
-prevents extra subflows and which commands fix it. Exit code 0 when extra subflows are
-possible, 1 otherwise. Also runnable as `python -m mptcpproxy.check [-m client|server]`.
+Judges the kernel's state (kernelstate.py: the `net.mptcp.*` sysctls, an MPTCP socket,
+the in-kernel path manager's limits and endpoints) and says in plain words what prevents
+extra subflows and which commands fix it. Exit code 0 when extra subflows are possible,
+1 otherwise. Also runnable as `python -m mptcpproxy.check [-m client|server] [-b ADDR]`.
+`startup_warnings()` gives a server proxy the findings it logs at start.
 """
 
 from __future__ import annotations
@@ -11,53 +12,30 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
-import json
 import logging
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 from mptcpproxy import sockets
+from mptcpproxy.config import Config, ConfigError, parse_bind
+from mptcpproxy.kernelstate import (
+    Endpoint,
+    KernelState,
+    parse_addresses,
+    parse_endpoints,
+    parse_limits,
+    read_state,
+)
+
+__all__ = ["Endpoint", "Finding", "KernelState", "diagnose", "format_report", "main",
+           "parse_addresses", "parse_endpoints", "parse_limits", "read_state", "run_check",
+           "startup_warnings"]
 
 log = logging.getLogger(__name__)
 
-SYSCTL_DIR = Path("/proc/sys/net/mptcp")
 LIMIT_MAX = 8  # MPTCP_PM_ADDR_MAX in net/mptcp/pm_netlink.c: `limits set` refuses more
-IP_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    address: str
-    id: int
-    flags: frozenset[str]  # signal, subflow, backup, fullmesh, implicit, ...
-    dev: str | None = None
-    port: int | None = None
-
-    def __str__(self) -> str:
-        words = [self.address, f"id {self.id}", *sorted(self.flags)]
-        if self.port:
-            words[1:1] = [f"port {self.port}"]
-        if self.dev:
-            words += ["dev", self.dev]
-        return " ".join(words)
-
-
-@dataclass(frozen=True)
-class KernelState:
-    """What the kernel says, as read by `read_state()`; None where it could not be read."""
-
-    enabled: int | None  # net.mptcp.enabled; None: no /proc/sys/net/mptcp at all
-    socket_errno: int  # 0: an MPTCP socket could be created
-    path_manager: str | None  # "kernel", "userspace", ...
-    subflows: int | None = None
-    add_addr_accepted: int | None = None
-    endpoints: tuple[Endpoint, ...] | None = None
-    local_addresses: frozenset[str] | None = None
-    ip_error: str | None = None  # why limits/endpoints could not be read
+STARTUP_IP_TIMEOUT = 2.0  # a proxy's start waits no longer for each `ip` command
 
 
 @dataclass(frozen=True)
@@ -65,88 +43,7 @@ class Finding:
     blocking: bool  # True: this alone prevents extra subflows
     text: str
     fixes: tuple[str, ...] = field(default=())
-
-
-def _sysctl(name: str) -> str | None:
-    try:
-        return (SYSCTL_DIR / name).read_text().strip()
-    except OSError:
-        return None
-
-
-def _socket_errno() -> int:
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM, sockets.IPPROTO_MPTCP).close()
-    except OSError as exc:
-        return exc.errno or errno.EINVAL
-    return 0
-
-
-def _path_manager() -> str | None:
-    # `path_manager` (a name) replaced `pm_type` (0 kernel, 1 userspace) in Linux 6.15.
-    name = _sysctl("path_manager")
-    if name:
-        return name
-    pm_type = _sysctl("pm_type")
-    return {"0": "kernel", "1": "userspace"}.get(pm_type, pm_type) if pm_type else None
-
-
-def _ip(args: list[str], ip: str) -> str:
-    proc = subprocess.run(
-        [ip, *args], capture_output=True, text=True, timeout=IP_TIMEOUT, check=False
-    )
-    if proc.returncode != 0:
-        raise OSError(f"'{' '.join([ip, *args])}' failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def parse_limits(text: str) -> dict[str, int]:
-    """`ip mptcp limits show` output; iproute2 6.1 prints text even with -j."""
-    text = text.strip()
-    if text.startswith("{"):
-        return {k: int(v) for k, v in json.loads(text).items()}
-    words = text.split()
-    return {k: int(v) for k, v in zip(words[::2], words[1::2], strict=True)}
-
-
-def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
-    """`ip -j mptcp endpoint show` output (a JSON list; iproute2 6.1 supports it)."""
-    endpoints = []
-    for entry in json.loads(text or "[]"):
-        flags = frozenset(k for k, v in entry.items() if v is True)
-        endpoints.append(
-            Endpoint(entry["address"], int(entry["id"]), flags, entry.get("dev"), entry.get("port"))
-        )
-    return tuple(endpoints)
-
-
-def parse_addresses(text: str) -> frozenset[str]:
-    """The local addresses in `ip -j addr show` output, normalised."""
-    return frozenset(
-        str(ipaddress.ip_address(info["local"]))
-        for link in json.loads(text or "[]")
-        for info in link.get("addr_info", ())
-        if "local" in info
-    )
-
-
-def read_state(ip: str = "ip") -> KernelState:
-    """Read MPTCP's state in the current network namespace."""
-    enabled_text = _sysctl("enabled")
-    state = {
-        "enabled": int(enabled_text) if enabled_text is not None else None,
-        "socket_errno": _socket_errno(),
-        "path_manager": _path_manager(),
-    }
-    try:
-        limits = parse_limits(_ip(["-j", "mptcp", "limits", "show"], ip))
-        state["subflows"] = limits.get("subflows")
-        state["add_addr_accepted"] = limits.get("add_addr_accepted")
-        state["endpoints"] = parse_endpoints(_ip(["-j", "mptcp", "endpoint", "show"], ip))
-        state["local_addresses"] = parse_addresses(_ip(["-j", "addr", "show"], ip))
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-        state["ip_error"] = str(exc) or type(exc).__name__
-    return KernelState(**state)
+    warn: bool = False  # also a warning at a server proxy's start when not blocking
 
 
 def _is_local(endpoint: Endpoint, state: KernelState) -> bool:
@@ -230,19 +127,87 @@ def _client(state: KernelState, subflow_eps: list[Endpoint]) -> list[Finding]:
     return notes
 
 
-def _server(state: KernelState, signal_eps: list[Endpoint]) -> list[Finding]:
-    if signal_eps:
+def _same(a: str, b: str) -> bool:
+    return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+
+
+def _bound(bind: str | None) -> bool:
+    """Whether a listener on `bind` misses some of this host's addresses (-b ADDR)."""
+    return bind is not None and not ipaddress.ip_address(bind).is_unspecified
+
+
+def _listened(ep: Endpoint, bind: str | None) -> bool:
+    """Whether a join sent to signal endpoint `ep` finds a listener, the proxy's bound to
+    `bind`: the kernel accepts an MP_JOIN only on a listener bound to the join's address
+    and port (an endpoint with its own port has a listener of the kernel's)."""
+    if ep.port or bind is None:  # None: dual-stack ::
+        return True
+    bound = ipaddress.ip_address(bind)
+    if bound.is_unspecified:  # -b :: is IPv6 only
+        return ipaddress.ip_address(ep.address).version == bound.version
+    return _same(ep.address, bind)
+
+
+C_FLAG_FIX = "sysctl -w net.mptcp.allow_join_initial_addr_port=1"
+SIGNAL_FIX = "ip mptcp endpoint add ADDR2 dev DEV2 signal"
+UNBIND_FIX = ("leave out -b, so that the proxy listens on every address (restrict who may "
+              "connect with a firewall if needed)")
+KERNEL_LISTENER = "(with a port, the kernel itself listens there for joins)"
+
+
+def _port_fix(ep: Endpoint | None) -> str:
+    if ep is None:
+        return f"ip mptcp endpoint add ADDR2 dev DEV2 port PORT signal   {KERNEL_LISTENER}"
+    return (f"ip mptcp endpoint delete id {ep.id} && ip mptcp endpoint add {ep.address} "
+            f"dev {ep.dev or 'DEV'} port PORT signal   {KERNEL_LISTENER}")
+
+
+def _server(state: KernelState, signal_eps: list[Endpoint], bind: str | None) -> list[Finding]:
+    # Joins arrive at the address a client connected to, unless the C flag forbids it, and
+    # at the announced addresses, where they need a listener.
+    c_flag = state.allow_join_initial_addr_port == 0
+    others = [ep for ep in signal_eps if ep.port or not _bound(bind) or not _same(ep.address, bind)]
+    reached = [ep for ep in others if _listened(ep, bind)]
+    missed = [ep for ep in others if not _listened(ep, bind)]
+    if missed:
+        text = (f"the proxy listens on {bind} only (-b): the kernel accepts an MPTCP join only "
+                "on a listener bound to the address it is sent to, so joins to the announced "
+                f"address{'es' if len(missed) > 1 else ''} "
+                f"{', '.join(ep.address for ep in missed)} are reset")
+        fixes = (UNBIND_FIX, *(_port_fix(ep) for ep in missed))
+        if reached:
+            return [Finding(False, text, fixes, warn=True)]
+        if c_flag:
+            return [Finding(True, f"{text}, and net.mptcp.allow_join_initial_addr_port is 0 "
+                            f"so clients may not join {bind} either: every MPTCP connection "
+                            "has one subflow", (*fixes, C_FLAG_FIX), warn=True)]
+        return [Finding(False, f"{text}: extra subflows come only from the client's own "
+                        f"subflow endpoints, joining {bind}", fixes, warn=True)]
+    if reached:
         return []
+    none = "no endpoint has the signal flag" + (
+        f" and another address than {bind}" if signal_eps else "")
+    signal_fix = _port_fix(None) if _bound(bind) else SIGNAL_FIX
+    if c_flag:
+        return [Finding(
+            True,
+            "net.mptcp.allow_join_initial_addr_port is 0 (the C flag): clients may not join "
+            f"the address they connected to, and this host announces no other address "
+            f"({none}): every MPTCP connection has one subflow",
+            (C_FLAG_FIX, signal_fix),
+        )]
     return [Finding(
         False,
-        "as a server, this host announces no address (no endpoint has the signal flag): extra "
-        "subflows come only from the client's own subflow endpoints",
-        ("ip mptcp endpoint add ADDR2 dev DEV2 signal",),
+        f"as a server, this host announces no address ({none}): extra subflows come only "
+        "from the client's own subflow endpoints",
+        (signal_fix,),
     )]
 
 
-def diagnose(state: KernelState, mode: str | None = None) -> list[Finding]:
-    """What prevents extra subflows for `mode` ("client", "server", or None for both)."""
+def diagnose(state: KernelState, mode: str | None = None,
+             bind: str | None = None) -> list[Finding]:
+    """What prevents extra subflows for `mode` ("client", "server", or None for both);
+    `bind`: the address a server proxy listens on (-b), None for every address."""
     findings = _available(state)
     if findings:  # MPTCP is missing, or the in-kernel path manager is not in charge
         return findings
@@ -259,7 +224,7 @@ def diagnose(state: KernelState, mode: str | None = None) -> list[Finding]:
     if mode in (None, "client"):
         findings += _client(state, subflow_eps)
     if mode in (None, "server"):
-        findings += _server(state, signal_eps)
+        findings += _server(state, signal_eps, bind)
     return findings
 
 
@@ -278,16 +243,24 @@ def _describe(state: KernelState) -> list[str]:
     if state.subflows is not None:
         lines.append(f"  limits:        subflows {state.subflows}, "
                      f"add_addr_accepted {state.add_addr_accepted}")
+    if state.allow_join_initial_addr_port is not None:
+        may = "may" if state.allow_join_initial_addr_port else "may NOT (the C flag)"
+        lines.append(f"  joins:         net.mptcp.allow_join_initial_addr_port = "
+                     f"{state.allow_join_initial_addr_port}: clients {may} join the address "
+                     "they connected to")
     if state.endpoints is not None:
         lines.append(f"  endpoints:     {len(state.endpoints) or 'none'}")
         lines += [f"    {ep}" for ep in state.endpoints]
     return lines
 
 
-def format_report(state: KernelState, findings: list[Finding], mode: str | None) -> str:
+def format_report(state: KernelState, findings: list[Finding], mode: str | None,
+                  bind: str | None = None) -> str:
     """The text `--check` prints."""
     role = f"as a {mode}" if mode else "as client and as server"
     lines = [f"MPTCP check for this network namespace ({role}):", *_describe(state)]
+    if bind is not None and mode != "client":
+        lines.append(f"  listener:      {bind} only (-b)")
     for title, blocking in (("Problems", True), ("Notes", False)):
         chosen = [f for f in findings if f.blocking is blocking]
         if chosen:
@@ -304,13 +277,39 @@ def format_report(state: KernelState, findings: list[Finding], mode: str | None)
     return "\n".join(lines) + "\n"
 
 
-def run_check(mode: str | None = None, out: TextIO | None = None, ip: str = "ip") -> int:
-    """Print the report for this namespace; 0 when extra subflows are possible, else 1."""
+def run_check(mode: str | None = None, out: TextIO | None = None, ip: str = "ip",
+              bind: str | None = None) -> int:
+    """Print the report for this namespace; 0 when extra subflows are possible, else 1.
+    `bind`: judge a server proxy listening on that address only (-b)."""
     state = read_state(ip)
     log.debug("MPTCP state: %s", state)
-    findings = diagnose(state, mode)
-    (out or sys.stdout).write(format_report(state, findings, mode))
+    findings = diagnose(state, mode, bind)
+    (out or sys.stdout).write(format_report(state, findings, mode, bind))
     return 1 if any(f.blocking for f in findings) else 0
+
+
+def startup_warnings(config: Config, state: KernelState | None = None) -> list[str]:
+    """The warnings a server proxy logs at start: what leaves its connections one subflow
+    here (the kernel's state read now unless given), each with its fix. Never raises."""
+    try:
+        if not config.listen_mptcp:
+            return []
+        state = state or read_state(timeout=STARTUP_IP_TIMEOUT)
+        if state.ip_error:  # no claim without the endpoints; --check says why
+            log.debug("no start-up check of the MPTCP settings: %s", state.ip_error)
+            return []
+        return [f"{f.text}; fix: " + "; or: ".join(f.fixes)
+                for f in diagnose(state, "server", config.bind) if f.blocking or f.warn]
+    except Exception as exc:  # noqa: BLE001 -- a diagnosis never stops a start
+        log.debug("no start-up check of the MPTCP settings: %r", exc)
+        return []
+
+
+def _bind(text: str) -> str:
+    try:
+        return parse_bind(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-m", "--mode", choices=("client", "server"),
                         help="judge for this role only (default: both)")
-    return run_check(parser.parse_args(argv).mode)
+    parser.add_argument("-b", "--bind", metavar="ADDR", type=_bind,
+                        help="a server proxy listens on this address only")
+    args = parser.parse_args(argv)
+    return run_check(args.mode, bind=args.bind)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} -m {{client,server}} -p PORT (-r HOST:PORT | -t [MODE]) [options]\n"
-              f"       {PROG} --check [-m {{client,server}}]",
+              f"       {PROG} --check [-m {{client,server}}] [-b ADDR]",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true",
         help="say whether MPTCP can open extra subflows here (MPTCP enabled, path manager, "
              "limits, endpoints, with the commands that fix them) and exit: 0 when it can, "
-             "1 when not; with -m only for that side",
+             "1 when not; with -m only for that side; with -b, for a server listening there",
     )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument(
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from mptcpproxy.check import run_check
 
-        return run_check(args.mode)
+        return run_check(args.mode, bind=args.bind)
     # -m and -p are not required=True in argparse, so that --check works without them
     missing = [flag for flag, value in (("-m/--mode", args.mode), ("-p/--port", args.port))
                if value is None]

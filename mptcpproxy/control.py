@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 
-from mptcpproxy import connlog, origdst, sockets
+from mptcpproxy import check, connlog, origdst, sockets
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.connect import Attempt, literal, resolve
 from mptcpproxy.connlog import Conn, reason
@@ -59,6 +59,9 @@ class Proxy:
             why = sockets.mptcp_unavailable()
             if why:
                 raise StartupError(why)
+        # subflow settings that leave a server's connections one path (before any fd exists)
+        for text in check.startup_warnings(cfg):
+            log.warning("%s", text)
         if cfg.transparent or cfg.mark:
             self._start_transparent()
         if cfg.remote is not None and not cfg.remote.is_literal:

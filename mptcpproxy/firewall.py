@@ -13,11 +13,12 @@ with `table X` + `delete table X`, so loading it replaces a leftover of a crashe
 one transaction; the TPROXY mark and routing table are derived from the port too, so a
 leftover rule or route is found and replaced at the next start.
 
-Redirect's prerouting chain also catches connections to this host's own addresses: an
-MPTCP subflow joining a transparent server arrives at the server's announced address with
-the original port, and must reach the listener with the port the first subflow was
-redirected to. Tproxy leaves them alone (a tproxied listener gets such joins only when it
-listens on the intercepted port itself; see docs/transparent.md).
+Connections to this host's own addresses are left alone (its SSH or web UI must see the
+real client), with one exception in Redirect's prerouting chain in server mode: an MPTCP
+subflow joining a transparent server (a SYN with MP_JOIN) arrives at the server's
+announced address with the original port, and must reach the listener with the port the
+first subflow was redirected to. Tproxy leaves joins alone too (a tproxied listener gets
+them only when it listens on the intercepted port itself; see docs/transparent.md).
 """
 
 from __future__ import annotations
@@ -254,8 +255,15 @@ class Redirect(Method):
     def chains(self) -> list[tuple[str, str, list[str]]]:
         spec = self.spec
         catch = f"{_dport_match(spec)} redirect to :{spec.port}"
+        # connections to this host itself (its SSH, its web UI) are delivered, not proxied:
+        # their services must see the real client
+        forwarded = ["fib daddr type local return", catch]
+        if spec.mode == "server":
+            # except MPTCP joins (MP_JOIN is option subtype 1) to an announced address of
+            # this host: they must reach the listener the first subflow was redirected to
+            forwarded.insert(0, f"fib daddr type local tcp option mptcp subtype 1 {catch}")
         chains = [("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
-                   [catch])]
+                   forwarded)]
         skip = []
         if spec.mark:
             skip.append(f"meta mark 0x{spec.mark:x} return")  # the proxy's own (--mark)

@@ -6,12 +6,14 @@ import errno
 import io
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 from netns import Host, TestBed
 
-from mptcpproxy import check
+from mptcpproxy import check, kernelstate
 from mptcpproxy.check import Endpoint, KernelState, diagnose, format_report
+from mptcpproxy.config import Config, HostPort
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,6 +110,128 @@ def test_server_without_signal_endpoint_is_a_note() -> None:
     assert not blocking(findings)
     assert "announces no address" in findings[0].text
     assert not diagnose(state(endpoints=(ep("10.0.0.1", "signal"),)), "server")
+
+
+# -- where joins can arrive at a server: the C flag and a bound listener (-b) ------------------
+
+SECOND = ep("10.0.1.2", "signal", dev="eth1")
+TWO_ADDRESSES = frozenset({"10.0.0.2", "10.0.1.2"})
+
+
+def test_read_state_reads_the_c_flag(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "enabled").write_text("1\n")
+    (tmp_path / "allow_join_initial_addr_port").write_text("0\n")
+    monkeypatch.setattr(kernelstate, "SYSCTL_DIR", tmp_path)
+    assert check.read_state().allow_join_initial_addr_port == 0
+    (tmp_path / "allow_join_initial_addr_port").unlink()  # a kernel before 5.17
+    assert check.read_state().allow_join_initial_addr_port is None
+
+
+@pytest.mark.parametrize("mode", ["server", None])
+def test_c_flag_without_signal_endpoint_blocks(mode: str | None) -> None:
+    findings = diagnose(state(allow_join_initial_addr_port=0), mode)
+    text = blocking(findings)[-1]
+    assert "net.mptcp.allow_join_initial_addr_port is 0" in text
+    assert "may not join the address they connected to" in text
+    assert all_fixes(findings)[-2:] == [
+        "sysctl -w net.mptcp.allow_join_initial_addr_port=1",
+        "ip mptcp endpoint add ADDR2 dev DEV2 signal"]
+
+
+def test_c_flag_with_signal_endpoint_is_fine() -> None:
+    # the load-balancer set-up: clients join only the backend's own announced address
+    st = state(allow_join_initial_addr_port=0, endpoints=(SECOND,),
+               local_addresses=TWO_ADDRESSES)
+    assert diagnose(st, "server") == []
+    assert not blocking(diagnose(state(allow_join_initial_addr_port=0), "client"))
+
+
+def test_c_flag_in_the_report() -> None:
+    st = state(allow_join_initial_addr_port=0)
+    text = format_report(st, diagnose(st, "server"), "server")
+    assert ("  joins:         net.mptcp.allow_join_initial_addr_port = 0: clients may NOT "
+            "(the C flag) join the address they connected to\n") in text
+    assert "= 1: clients may join" in format_report(
+        state(allow_join_initial_addr_port=1), [], "server")
+    assert "joins:" not in format_report(state(), [], "server")  # not known: not shown
+
+
+def test_bound_server_misses_joins_to_other_announced_addresses() -> None:
+    st = state(endpoints=(SECOND,), local_addresses=TWO_ADDRESSES)
+    assert diagnose(st, "server") == []  # on every address: the join finds the listener
+    findings = diagnose(st, "server", bind="10.0.0.2")
+    assert not blocking(findings)  # the client's own subflow endpoints may still join
+    assert findings[0].warn
+    assert "listens on 10.0.0.2 only (-b)" in findings[0].text
+    assert "joins to the announced address 10.0.1.2 are reset" in findings[0].text
+    assert findings[0].fixes[0].startswith("leave out -b")
+    assert "firewall" in findings[0].fixes[0]
+    # or keep -b: an endpoint with a port of its own gets a listener of the kernel's
+    assert findings[0].fixes[1].startswith(
+        "ip mptcp endpoint delete id 1 && ip mptcp endpoint add 10.0.1.2 dev eth1 port PORT "
+        "signal   (with a port, the kernel itself listens there for joins)")
+    text = format_report(st, findings, "server", "10.0.0.2")
+    assert "  listener:      10.0.0.2 only (-b)\n" in text
+    assert "    fix: leave out -b" in text
+
+
+def test_bound_server_with_c_flag_blocks() -> None:
+    st = state(endpoints=(SECOND,), local_addresses=TWO_ADDRESSES,
+               allow_join_initial_addr_port=0)
+    findings = diagnose(st, "server", bind="10.0.0.2")
+    assert "may not join 10.0.0.2 either" in blocking(findings)[0]
+    assert all_fixes(findings)[-1] == "sysctl -w net.mptcp.allow_join_initial_addr_port=1"
+    # no signal endpoint at all: with -b, only one with a port of its own would do
+    findings = diagnose(state(allow_join_initial_addr_port=0), "server", bind="10.0.0.2")
+    assert "announces no other address" in blocking(findings)[0]
+    assert all_fixes(findings)[1].startswith("ip mptcp endpoint add ADDR2 dev DEV2 port PORT")
+
+
+@pytest.mark.parametrize("bind, endpoint, missed", [
+    ("10.0.1.2", SECOND, False),  # the bound address is the announced one
+    ("0.0.0.0", SECOND, False),
+    ("::", SECOND, True),  # -b :: listens on IPv6 only
+    ("10.0.0.2", Endpoint("10.0.1.2", 2, frozenset({"signal"}), "eth1", 4444), False),
+    ("10.0.0.2", ep("10.0.1.2", "subflow"), False),  # not announced
+])
+def test_which_joins_find_the_listener(bind: str, endpoint: Endpoint, missed: bool) -> None:
+    # an endpoint with a port of its own has the kernel's listener there
+    st = state(endpoints=(endpoint,), local_addresses=TWO_ADDRESSES)
+    texts = [f.text for f in diagnose(st, "server", bind=bind)]
+    assert any("only (-b)" in t for t in texts) is missed, texts
+
+
+def test_startup_warnings() -> None:
+    server = Config(mode="server", port=4444, remote=HostPort("127.0.0.1", 80), bind="10.0.0.2")
+    st = state(endpoints=(SECOND,), local_addresses=TWO_ADDRESSES)
+    (warning,) = check.startup_warnings(server, st)
+    assert warning.startswith("the proxy listens on 10.0.0.2 only (-b)")
+    assert "; fix: leave out -b" in warning
+    c_flag = state(allow_join_initial_addr_port=0)
+    unbound = replace(server, bind=None)
+    assert "; fix: sysctl -w net.mptcp.allow_join_initial_addr_port=1; or: ip mptcp " \
+        "endpoint add ADDR2 dev DEV2 signal" in check.startup_warnings(unbound, c_flag)[0]
+    assert check.startup_warnings(unbound, state(subflows=0))[0].startswith(
+        "the subflows limit is 0")
+    # notes are no warnings; a client or plain TCP is not judged; unreadable says nothing
+    assert check.startup_warnings(unbound, state()) == []
+    assert check.startup_warnings(replace(server, mode="client"), c_flag) == []
+    assert check.startup_warnings(replace(server, disable_mptcp=True), c_flag) == []
+    assert check.startup_warnings(unbound, state(subflows=None, ip_error="no ip")) == []
+
+
+def test_startup_warnings_never_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(check, "read_state", broken)
+    assert check.startup_warnings(Config(mode="server", port=1, remote=None)) == []
+
+
+def test_check_bind_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        check.main(["-m", "server", "-b", "nowhere"])
+    assert exc.value.code == 2
 
 
 def test_both_roles_need_the_client_side() -> None:

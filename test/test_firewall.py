@@ -55,6 +55,7 @@ delete table inet mptcpproxy_5555
 table inet mptcpproxy_5555 {
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tfib daddr type local return
 \t\ttcp dport { 80, 443, 8000-8100 } redirect to :5555
 \t}
 \tchain output {
@@ -78,11 +79,23 @@ def test_redirect_server_mode_does_not_skip_mptcp() -> None:
     ]
 
 
+def test_redirect_server_mode_catches_only_joins_to_this_host() -> None:
+    # an MPTCP join (option subtype 1, MP_JOIN) to an announced address of this host must
+    # reach the listener; any other connection to this host is its own services' business
+    spec = FirewallSpec(port=4444, mode="server", intercept=((8080, 8080),))
+    assert Redirect(spec).chains()[0][2] == [
+        "fib daddr type local tcp option mptcp subtype 1 tcp dport 8080 redirect to :4444",
+        "fib daddr type local return",
+        "tcp dport 8080 redirect to :4444",
+    ]
+
+
 def test_redirect_all_tcp_as_root_without_mark_is_prerouting_only() -> None:
+    # connections to the gateway itself (its SSH, its web UI) are delivered, not proxied
     method = Redirect(FirewallSpec(port=5555))
     assert method.chains() == [
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
-         ["meta l4proto tcp redirect to :5555"]),
+         ["fib daddr type local return", "meta l4proto tcp redirect to :5555"]),
     ]
     assert "local applications are not intercepted" in method.notes()[0]
     assert method.setup_steps() == [Step(("nft", "-f", "-"), method.nft_rules())]

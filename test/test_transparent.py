@@ -227,6 +227,87 @@ def test_transparent_server(testbed: TestBed, method: str, family: int) -> None:
     assert end["sent"] == SIZE  # client -> web: the a->b direction of the relay
 
 
+# -- (3b) the gateway's own services: delivered, never proxied ------------------------------
+
+WHOAMI = """
+import socket, sys
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+srv.settimeout(20)
+print("listening", flush=True)
+for _ in range(int(sys.argv[2])):
+    conn, peer = srv.accept()
+    conn.sendall(peer[0].encode())
+    conn.close()
+srv.close()
+"""
+
+ASK = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.settimeout(10)
+data = b""
+while chunk := s.recv(100):
+    data += chunk
+s.close()
+print(data.decode())
+"""
+OWN_SERVICE = 2222
+
+
+def ask_whoami(bed: TestBed, client: Host, addresses: list[str]) -> list[str]:
+    """The peer address a service on OWN_SERVICE of `bed`'s gateway saw for each of
+    `client`'s connections to `addresses`."""
+    return [client.run([sys.executable, "-c", ASK, addr, str(OWN_SERVICE)], timeout=20
+                       ).stdout.strip() for addr in addresses]
+
+
+def test_gateway_services_client(testbed: TestBed) -> None:
+    """lan - gw - far: the client proxy on gw intercepts all TCP (-t redirect, no
+    --intercept). A LAN connection to a service on one of gw's own addresses reaches it
+    directly (the service sees the LAN host, not gw), while a connection to far is still
+    intercepted and proxied (far has no route back to the LAN)."""
+    lan, gw, far = testbed.host("lan"), testbed.host("gw"), testbed.host("far")
+    testbed.link(lan, gw, "10.123.220.2/24", "10.123.220.1/24")
+    testbed.link(gw, far, "10.123.250.1/24", "10.123.250.2/24")
+    lan.route("default", via="10.123.220.1")
+    gw.sysctl("net.ipv4.ip_forward", 1)
+    proxy = start_proxy(gw, "-m", "client", "-t", "redirect", "--setup-firewall", port=PROXY)
+    own = gw.start([sys.executable, "-c", WHOAMI, str(OWN_SERVICE), "2"], name="whoami")
+    gw.wait_listening(OWN_SERVICE, proc=own)
+    assert ask_whoami(testbed, lan, ["10.123.220.1", "10.123.250.1"]) == [
+        "10.123.220.2", "10.123.220.2"], proxy.describe()
+    assert conn_ends(proxy) == []
+    transfer(testbed, lan, "10.123.250.2", SERVICE, far)
+    end = wait_conn_end(proxy)[0]
+    assert end["client"].startswith("10.123.220.2:"), proxy.describe()
+    assert end["upstream"] == fmt("10.123.250.2", SERVICE)
+
+
+def test_gateway_services_server(testbed: TestBed) -> None:
+    """cli ==two paths== sgw - web, the transparent server on sgw intercepting all TCP: a
+    plain TCP connection to a service on sgw's own address reaches it directly, while
+    MPTCP to web is intercepted, its join to sgw's announced address included (two
+    subflows)."""
+    cli, sgw, web = testbed.host("cli"), testbed.host("sgw"), testbed.host("web")
+    sgw_addr, sgw_addr2 = two_paths(testbed, cli, sgw)
+    testbed.link(sgw, web, "10.123.230.1/24", "10.123.230.2/24")
+    web.route("default", via="10.123.230.1")
+    cli.route("10.123.230.0/24", via=sgw_addr)
+    sgw.sysctl("net.ipv4.ip_forward", 1)
+    server = start_proxy(sgw, "-m", "server", "-t", "redirect", "--setup-firewall",
+                         port=SERVER_PROXY, name="server-proxy")
+    own = sgw.start([sys.executable, "-c", WHOAMI, str(OWN_SERVICE), "2"], name="whoami")
+    sgw.wait_listening(OWN_SERVICE, proc=own)
+    assert ask_whoami(testbed, cli, [sgw_addr, sgw_addr2]) == [
+        "10.123.200.1", "10.123.201.1"], server.describe()
+    assert conn_ends(server) == []
+    web_target = fmt("10.123.230.2", 8080)
+    client = start_proxy(cli, "-m", "client", "-r", web_target, port=PROXY)
+    transfer(testbed, cli, "127.0.0.1", PROXY, web, recv_port=8080)
+    assert_two_subflows(client, upstream=web_target)
+    assert_two_subflows(server, upstream=web_target)
+
+
 # -- (4) teardown: SIGTERM leaves the firewall exactly as it was; leftovers are replaced --
 
 def firewall_state(host: Host) -> dict[str, str]:
@@ -277,21 +358,42 @@ except ConnectionResetError:
 """
 
 
-def test_loop_refused(testbed: TestBed) -> None:
-    """A gateway intercepting port 5555 (its own): a LAN connection to the gateway's other
-    address on 5555 is redirected to the proxy with its own port as the original
-    destination. It is refused and logged, never relayed."""
+# rules written by hand that, unlike --setup-firewall's, also catch this host's addresses
+LOOSE_RULES = f"""
+table ip handmade {{
+\tchain prerouting {{
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\ttcp dport {PROXY} redirect to :{PROXY}
+\t}}
+}}
+"""
+
+
+@pytest.mark.parametrize("rules", ["handmade", "setup-firewall"])
+def test_loop_refused(testbed: TestBed, rules: str) -> None:
+    """A gateway intercepting port 5555 (its own). With hand-written rules that catch the
+    gateway's own addresses too, a LAN connection to the gateway's other address on 5555
+    is redirected to the proxy with its own port as the original destination: it is
+    refused and logged as a loop, never relayed. --setup-firewall's rules leave the
+    gateway's addresses alone: both connections come straight to the listener."""
     lan, gw = testbed.host("lan"), testbed.host("gw")
     testbed.link(lan, gw, "10.123.220.2/24", "10.123.220.1/24")
     testbed.link(gw, testbed.host("wan"), "10.123.250.1/24", "10.123.250.2/24")
     lan.route("default", via="10.123.220.1")
-    proxy = start_proxy(gw, "-m", "client", "-t", "--setup-firewall", "--intercept",
-                        str(PROXY), port=PROXY)
+    if rules == "handmade":
+        gw.run(["nft", "-f", "-"], input=LOOSE_RULES)
+        proxy = start_proxy(gw, "-m", "client", "-t", port=PROXY)
+    else:
+        proxy = start_proxy(gw, "-m", "client", "-t", "--setup-firewall", "--intercept",
+                            str(PROXY), port=PROXY)
     for addr in ("10.123.250.1", "10.123.220.1"):
         res = lan.run([sys.executable, "-c", PROBE, addr, str(PROXY)], timeout=15)
         assert res.stdout.strip() in ("eof", "reset"), res.stdout + res.stderr
     wait_until(lambda: proxy.stderr.count("refused") >= 2, 10, "two refusals")
-    assert "10.123.250.1:5555 is this proxy's own listener (a loop)" in proxy.stderr
+    if rules == "handmade":
+        assert "10.123.250.1:5555 is this proxy's own listener (a loop)" in proxy.stderr
+    else:
+        assert "came straight to the listener 10.123.250.1:5555" in proxy.stderr
     assert "came straight to the listener 10.123.220.1:5555" in proxy.stderr
     assert "upstream" not in proxy.stderr, proxy.describe()
     assert proxy.poll() is None
