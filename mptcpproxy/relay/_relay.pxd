@@ -21,6 +21,8 @@ cdef enum:
     NS = 1000000000
     ACCEPT_BATCH = 64  # accepts per wake-up, so open pairs get their turn in between
     SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
+    MAX_LISTENERS = 128  # listening sockets a relay serves at once (Relay.listen)
+    MAX_TAGS = 1024  # listener tags (the control plane's listener index): 0 .. MAX_TAGS-1
 
 
 cdef struct Side:
@@ -50,6 +52,10 @@ cdef struct Pair:
     Side side[2]
     Half half[2]
     uint64_t conn_id
+    uint32_t tag  # the listener it came from (Result.tag; open pairs counted per tag)
+    int64_t idle_ns  # close after this long without a byte moving (0: never)
+    int64_t connect_ns  # give up connecting upstream after this long (accepted pairs)
+    int splice  # halves that move bulk splice through a pipe
     int mptcp_side  # index of the side whose MPTCP status is reported, or -1
     int is_mptcp
     int subflows
@@ -71,6 +77,7 @@ cdef struct Pair:
 
 cdef struct Done:
     uint64_t conn_id
+    uint32_t tag
     uint64_t bytes_ab
     uint64_t bytes_ba
     int64_t duration_ns
@@ -81,6 +88,34 @@ cdef struct Done:
     int client_family
     uint16_t client_port
     uint8_t client_addr[16]
+
+
+cdef struct ListenCfg:
+    # What a worker does with the clients of one listener: connect each to this upstream.
+    c.sockaddr_storage up_addr
+    c.socklen_t up_len
+    int up_family
+    int up_proto
+    int up_mptcp_side
+    unsigned int mark
+    uint32_t tag
+    int64_t connect_ns
+    int64_t idle_ns
+    int splice
+
+
+cdef struct Listener:
+    # One listening socket in one worker. The control thread writes fd/want/next under the
+    # worker's lock; the worker alone touches `cfg`, `listening` and `resume_ns`, copies
+    # `next` to `cfg` when `dirty`, and frees the slot (fd = -1, under the lock) once it has
+    # taken the socket out of its epoll set after `want` went to 0.
+    int fd  # -1: a free slot
+    int want
+    int dirty
+    int listening  # in this worker's epoll set
+    int64_t resume_ns  # accepting paused (out of fds) until then
+    ListenCfg cfg
+    ListenCfg next
 
 
 cdef struct WorkerState:
@@ -97,7 +132,6 @@ cdef struct WorkerState:
     size_t bufsize
     char **pool
     int npool
-    int splice  # halves that move bulk splice through a pipe
     int64_t busy_ns  # poll without sleeping for this long after the last event (0: never)
     int64_t last_event
     int pipes[2 * POOL_KEEP]  # spare empty pipes, read and write end
@@ -113,23 +147,15 @@ cdef struct WorkerState:
     int notify_pending
     int64_t last_notify
     int64_t now
-    int64_t idle_ns
     int64_t next_scan
     uint64_t total  # pairs handed over or accepted: written under lock, read atomically
     uint64_t finished  # written by the worker only, read atomically (active_pairs)
     uint64_t nbytes
     int fatal_errno
     # accept + connect in the worker (Relay.listen): the fast path for a fixed upstream
-    int listenfd
-    int want_listen  # written by the control thread
-    int listening  # written by the worker: the listener is in its epoll set
-    int64_t resume_ns  # accepting paused (out of fds) until then
-    c.sockaddr_storage up_addr
-    c.socklen_t up_len
-    int up_family
-    int up_proto
-    int up_mptcp_side
-    unsigned int mark
-    int64_t connect_ns
+    Listener listeners[MAX_LISTENERS]
+    int nlisteners  # slots in use at most (the highest used index + 1)
+    int paused  # a wanted listener is out of the epoll set for now (out of fds)
     uint64_t accepted
     uint64_t accept_errors
+    int64_t *open_by_tag  # pairs open per listener tag (MAX_TAGS entries), atomic

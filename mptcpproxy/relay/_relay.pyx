@@ -128,10 +128,12 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     w.graveyard = p
     # Read by the control thread (active = total - finished): published with release order.
     c.__atomic_store_n(&w.finished, w.finished + 1, c.__ATOMIC_RELEASE)
+    count_open(w, p.tag, -1)
     d = put_done(w, reason, err)
     if d == NULL:
         return  # the pair is closed; only its report is lost under memory exhaustion
     d.conn_id = p.conn_id
+    d.tag = p.tag
     d.bytes_ab = p.half[0].nbytes
     d.bytes_ba = p.half[1].nbytes
     d.duration_ns = now_ns() - p.start_ns
@@ -209,12 +211,16 @@ cdef int register(WorkerState *w, Pair *p) noexcept nogil:
 
 cdef void abort_all(WorkerState *w) noexcept nogil:
     take_incoming(w)
+    cdef int i
     while w.pairs != NULL:
         if w.pairs.connecting:  # its upstream never answered: a connect that was cut short
             finish(w, w.pairs, R_FAILED, c.ECANCELED)
         else:
             finish(w, w.pairs, R_ABORTED, 0)
-    w.want_listen = 0
+    c.pthread_mutex_lock(&w.lock)
+    for i in range(w.nlisteners):
+        w.listeners[i].want = 0
+    c.pthread_mutex_unlock(&w.lock)
     sync_listener(w)
 
 
@@ -226,9 +232,9 @@ cdef void scan(WorkerState *w) noexcept nogil:
     while p != NULL:
         nxt = p.next
         if p.connecting:
-            if w.now - p.start_ns >= w.connect_ns:
+            if w.now - p.start_ns >= p.connect_ns:
                 finish(w, p, R_FAILED, c.ETIMEDOUT)
-        elif w.idle_ns > 0 and w.now - p.last_ns >= w.idle_ns:
+        elif p.idle_ns > 0 and w.now - p.last_ns >= p.idle_ns:
             finish(w, p, R_TIMEOUT, 0)
         elif p.mptcp_side >= 0 and p.last_ns > p.sampled_ns and w.now - p.sampled_ns >= NS:
             sample_mptcp(p)
@@ -272,10 +278,11 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
     cdef uint32_t ev
     cdef int soerr
     cdef c.socklen_t slen
+    cdef Listener *l
     while True:
         if w.ready != NULL or w.now - w.last_event < w.busy_ns:
             timeout = 0  # more to do, or busy polling: the next event is handled unslept
-        elif w.pairs != NULL or (w.want_listen and not w.listening):
+        elif w.pairs != NULL or w.paused:
             timeout = 250
         else:
             timeout = -1
@@ -296,8 +303,11 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             if events[i].data.ptr == NULL:
                 take_incoming(w)
                 continue
-            if events[i].data.ptr == <void *>w:
-                accept_some(w)
+            if (events[i].data.ptr >= <void *>&w.listeners[0]
+                    and events[i].data.ptr < <void *>&w.listeners[MAX_LISTENERS]):
+                l = <Listener *>events[i].data.ptr
+                if l.listening:  # not let go of earlier in this batch
+                    accept_some(w, l)
                 continue
             s = <Side *>events[i].data.ptr
             p = s.pair

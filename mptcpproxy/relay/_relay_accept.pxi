@@ -9,19 +9,55 @@ cdef inline uint64_t new_conn_id() noexcept nogil:
     return c.__atomic_fetch_add(&next_conn_id, 1, c.__ATOMIC_RELAXED)
 
 
-cdef void sync_listener(WorkerState *w) noexcept nogil:
-    # Make the epoll set hold the listener exactly when the control plane wants it and
+cdef void sync_one(WorkerState *w, Listener *l) noexcept nogil:
+    # Make the epoll set hold this listener exactly when the control plane wants it and
     # accepting is not paused. EPOLLEXCLUSIVE: one worker is woken per new connection.
+    # Called with the worker's lock held.
     cdef c.epoll_event ev
-    if w.want_listen and not w.listening and w.now >= w.resume_ns:
+    if l.dirty:
+        l.cfg = l.next
+        l.dirty = 0
+    if l.want and not l.listening and w.now >= l.resume_ns:
         ev.events = c.EPOLLIN | c.EPOLLEXCLUSIVE
-        ev.data.ptr = <void *>w
-        if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, w.listenfd, &ev) == 0:
-            w.listening = 1
-    elif w.listening and (not w.want_listen or w.now < w.resume_ns):
+        ev.data.ptr = <void *>l
+        if c.epoll_ctl(w.epfd, c.EPOLL_CTL_ADD, l.fd, &ev) == 0:
+            l.listening = 1
+    elif l.listening and (not l.want or w.now < l.resume_ns):
         ev.events = 0
-        c.epoll_ctl(w.epfd, c.EPOLL_CTL_DEL, w.listenfd, &ev)
-        w.listening = 0
+        c.epoll_ctl(w.epfd, c.EPOLL_CTL_DEL, l.fd, &ev)
+        l.listening = 0
+    if not l.want and not l.listening:
+        l.fd = -1  # let go: the control plane may close the socket once every worker has
+
+
+cdef int sync_listener(WorkerState *w) noexcept nogil:
+    # Every listener slot in step with the control plane's wishes; returns 1 while a
+    # wanted listener is paused (the worker then wakes up to resume it).
+    cdef int i, paused = 0
+    cdef Listener *l
+    c.pthread_mutex_lock(&w.lock)
+    for i in range(w.nlisteners):
+        l = &w.listeners[i]
+        if l.fd >= 0:
+            sync_one(w, l)
+            if l.want and not l.listening:
+                paused = 1
+    while w.nlisteners > 0 and w.listeners[w.nlisteners - 1].fd < 0:
+        w.nlisteners -= 1
+    c.pthread_mutex_unlock(&w.lock)
+    w.paused = paused
+    return paused
+
+
+cdef inline void pause_accepting(WorkerState *w, Listener *l) noexcept nogil:
+    # Out of fds or memory: leave the listener alone for 100 ms, not spin on it.
+    w.accept_errors += 1
+    l.resume_ns = w.now + NS // 10
+    sync_listener(w)
+
+
+cdef inline void count_open(WorkerState *w, uint32_t tag, int64_t delta) noexcept nogil:
+    c.__atomic_fetch_add_i64(&w.open_by_tag[tag], delta, c.__ATOMIC_RELEASE)
 
 
 cdef void keep_client_address(Pair *p, c.sockaddr_storage *ss) noexcept nogil:
@@ -38,23 +74,20 @@ cdef void keep_client_address(Pair *p, c.sockaddr_storage *ss) noexcept nogil:
         memcpy(p.client_addr, &sin6.sin6_addr, 16)
 
 
-cdef void accept_some(WorkerState *w) noexcept nogil:
+cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
     cdef c.sockaddr_storage ss
     cdef c.socklen_t sslen
     cdef int cfd, ufd, err, i, rc
     cdef int one = 1
     cdef Pair *p
+    cdef ListenCfg *cfg = &l.cfg
     for i in range(ACCEPT_BATCH):
         sslen = sizeof(ss)
-        cfd = c.accept4(w.listenfd, <c.sockaddr *>&ss, &sslen,
-                        c.SOCK_NONBLOCK | c.SOCK_CLOEXEC)
+        cfd = c.accept4(l.fd, <c.sockaddr *>&ss, &sslen, c.SOCK_NONBLOCK | c.SOCK_CLOEXEC)
         if cfd < 0:
             err = c.errno
             if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
-                # Out of fds or memory: leave the listener alone for 100 ms, not spin on it.
-                w.accept_errors += 1
-                w.resume_ns = w.now + NS // 10
-                sync_listener(w)
+                pause_accepting(w, l)
                 if put_done(w, R_ACCEPT_ERROR, err) != NULL:
                     c.pthread_mutex_unlock(&w.out_lock)
                 return
@@ -71,35 +104,38 @@ cdef void accept_some(WorkerState *w) noexcept nogil:
         p.side[0].pair = p
         p.side[1].pair = p
         p.conn_id = new_conn_id()
-        p.mptcp_side = w.up_mptcp_side
+        p.mptcp_side = cfg.up_mptcp_side
+        p.tag = cfg.tag
+        p.idle_ns = cfg.idle_ns
+        p.connect_ns = cfg.connect_ns
+        p.splice = cfg.splice
         p.start_ns = now_ns()
         keep_client_address(p, &ss)
         c.pthread_mutex_lock(&w.lock)
         c.__atomic_fetch_add(&w.total, 1, c.__ATOMIC_RELEASE)
         c.pthread_mutex_unlock(&w.lock)
+        count_open(w, p.tag, 1)
         p.next = w.pairs
         if w.pairs != NULL:
             w.pairs.prev = p
         w.pairs = p
-        ufd = c.socket(w.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
-                       w.up_proto)
+        ufd = c.socket(cfg.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
+                       cfg.up_proto)
         if ufd < 0:
             err = c.errno
             finish(w, p, R_FAILED, err)
             if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
                 # No fd for the upstream: accept no more clients we cannot serve for now.
-                w.accept_errors += 1
-                w.resume_ns = w.now + NS // 10
-                sync_listener(w)
+                pause_accepting(w, l)
                 return
             continue
         p.side[1].fd = ufd
-        if w.mark:
-            c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &w.mark, sizeof(w.mark))
+        if cfg.mark:
+            c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &cfg.mark, sizeof(cfg.mark))
         # A relay must not add Nagle's delay on top of the application's own choice (the
         # client's socket has TCP_NODELAY from the listener, see Relay.listen).
         c.setsockopt(ufd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
-        rc = c.connect(ufd, <c.sockaddr *>&w.up_addr, w.up_len)
+        rc = c.connect(ufd, <c.sockaddr *>&cfg.up_addr, cfg.up_len)
         err = c.errno
         if rc != 0 and err != c.EINPROGRESS:
             finish(w, p, R_FAILED, err)

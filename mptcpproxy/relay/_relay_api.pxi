@@ -7,18 +7,17 @@ cdef class _Worker:
     cdef object thread
 
     def __cinit__(self):
+        cdef int i
         self.w.epfd = -1
         self.w.wakefd = -1
-        self.w.listenfd = -1
+        for i in range(MAX_LISTENERS):
+            self.w.listeners[i].fd = -1
 
-    def __init__(self, size_t bufsize, double idle_timeout, int notifyfd, bint splice,
-                 double busy_poll):
+    def __init__(self, size_t bufsize, int notifyfd, double busy_poll):
         cdef c.epoll_event ev
         self.w.notifyfd = notifyfd
-        self.w.splice = splice
         self.w.busy_ns = <int64_t>(busy_poll * NS)
         self.w.bufsize = bufsize
-        self.w.idle_ns = <int64_t>(idle_timeout * NS)
         c.pthread_mutex_init(&self.w.lock, NULL)
         c.pthread_mutex_init(&self.w.out_lock, NULL)
         self.w.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
@@ -36,8 +35,9 @@ cdef class _Worker:
         self.w.done_cap = self.w.spare_cap = 64
         self.w.done = <Done *>malloc(self.w.done_cap * sizeof(Done))
         self.w.spare = <Done *>malloc(self.w.spare_cap * sizeof(Done))
+        self.w.open_by_tag = <int64_t *>calloc(MAX_TAGS, sizeof(int64_t))
         if (self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL
-                or self.w.spare == NULL):
+                or self.w.spare == NULL or self.w.open_by_tag == NULL):
             raise MemoryError()
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay", daemon=True)
         self.thread.start()
@@ -71,7 +71,7 @@ cdef class _Worker:
                 client = (socket.inet_ntop(socket.AF_INET6, d.client_addr[:16]), d.client_port)
             out.append(Result(
                 d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
-                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client,
+                REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client, d.tag,
             ))
         self.w.spare, self.w.spare_cap = taken, cap
 
@@ -82,6 +82,7 @@ cdef class _Worker:
         self.w.incoming = p
         c.__atomic_fetch_add(&self.w.total, 1, c.__ATOMIC_RELEASE)
         c.pthread_mutex_unlock(&self.w.lock)
+        count_open(&self.w, p.tag, 1)
         c.write(self.w.wakefd, &one, sizeof(one))
 
     cdef void signal_stop(self) noexcept:
@@ -98,22 +99,55 @@ cdef class _Worker:
             self.active, self.w.total, self.w.nbytes, self.w.accepted, self.w.accept_errors
         )
 
-    cdef void set_listen(self, int fd, bytes sockaddr, int family, int proto, int mptcp_side,
-                         unsigned int mark, double connect_timeout):
+    cdef int set_listen(self, int fd, ListenCfg *cfg):
+        # Listen on fd (again: its settings replaced for new clients); -1 when every slot
+        # is taken.
         cdef uint64_t one = 1
-        memcpy(&self.w.up_addr, <char *>sockaddr, len(sockaddr))
-        self.w.up_len = len(sockaddr)
-        self.w.up_family, self.w.up_proto, self.w.up_mptcp_side = family, proto, mptcp_side
-        self.w.mark = mark
-        self.w.connect_ns = <int64_t>(connect_timeout * NS)
-        self.w.listenfd = fd
-        self.w.want_listen = 1  # the eventfd write below orders the stores before it
+        cdef int i, free_slot = -1
+        cdef Listener *l = NULL
+        c.pthread_mutex_lock(&self.w.lock)
+        for i in range(MAX_LISTENERS):
+            if self.w.listeners[i].fd == fd:
+                l = &self.w.listeners[i]
+                break
+            if self.w.listeners[i].fd < 0 and free_slot < 0:
+                free_slot = i
+        if l == NULL and free_slot >= 0:
+            l = &self.w.listeners[free_slot]
+            l.fd = fd
+            l.listening = 0
+            l.resume_ns = 0
+            if free_slot >= self.w.nlisteners:
+                self.w.nlisteners = free_slot + 1
+        if l != NULL:
+            l.next = cfg[0]
+            l.dirty = 1
+            l.want = 1
+        c.pthread_mutex_unlock(&self.w.lock)
+        c.write(self.w.wakefd, &one, sizeof(one))
+        return 0 if l != NULL else -1
+
+    cdef void set_unlisten(self, int fd):
+        # Let go of fd (-1: of every listener).
+        cdef uint64_t one = 1
+        cdef int i
+        c.pthread_mutex_lock(&self.w.lock)
+        for i in range(self.w.nlisteners):
+            if self.w.listeners[i].fd >= 0 and (fd < 0 or self.w.listeners[i].fd == fd):
+                self.w.listeners[i].want = 0
+        c.pthread_mutex_unlock(&self.w.lock)
         c.write(self.w.wakefd, &one, sizeof(one))
 
-    cdef void set_unlisten(self):
-        cdef uint64_t one = 1
-        self.w.want_listen = 0
-        c.write(self.w.wakefd, &one, sizeof(one))
+    cdef bint holds(self, int fd):
+        # Whether this worker has not let go of fd yet (-1: of any listener).
+        cdef int i
+        cdef bint held = False
+        c.pthread_mutex_lock(&self.w.lock)
+        for i in range(self.w.nlisteners):
+            if self.w.listeners[i].fd >= 0 and (fd < 0 or self.w.listeners[i].fd == fd):
+                held = True
+        c.pthread_mutex_unlock(&self.w.lock)
+        return held
 
     @property
     def active(self):
@@ -133,6 +167,7 @@ cdef class _Worker:
         free(self.w.scratch)
         free(self.w.done)
         free(self.w.spare)
+        free(self.w.open_by_tag)
         c.pthread_mutex_destroy(&self.w.lock)
         c.pthread_mutex_destroy(&self.w.out_lock)
 
@@ -145,7 +180,8 @@ cdef class Relay:
     cdef list _results  # taken from the workers when they stopped
     cdef int _notifyfd
     cdef bint _closed
-    cdef bint _splice
+    cdef bint _splice  # defaults for pairs and listeners that name none
+    cdef double _idle_timeout
 
     def __cinit__(self):
         self._notifyfd = -1
@@ -160,13 +196,13 @@ cdef class Relay:
         _check_seconds("busy_poll", busy_poll, True)
         self._results = []
         self._splice = splice
+        self._idle_timeout = idle_timeout
         self._notifyfd = c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC)
         if self._notifyfd < 0:
             raise OSError(c.errno, os.strerror(c.errno))
         self._workers = []
         for _ in range(workers):
-            self._workers.append(_Worker(bufsize, idle_timeout, self._notifyfd, splice,
-                                          busy_poll))
+            self._workers.append(_Worker(bufsize, self._notifyfd, busy_poll))
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")
@@ -179,26 +215,31 @@ cdef class Relay:
     def active(self):
         return sum([(<_Worker>w).active for w in self._workers])
 
-    def add(self, int fd_a, int fd_b, conn_id, int mptcp_fd=-1):
+    def add(self, int fd_a, int fd_b, conn_id, int mptcp_fd=-1, *, tag=0, idle_timeout=None,
+            splice=None):
         # Both fds belong to the relay from this call on: if it fails, they are closed.
         try:
-            self._add(fd_a, fd_b, conn_id, mptcp_fd)
+            self._add(fd_a, fd_b, conn_id, mptcp_fd, tag, idle_timeout, splice)
         except BaseException:
             _close_fds(fd_a, fd_b)
             raise
 
-    cdef _add(self, int fd_a, int fd_b, uint64_t conn_id, int mptcp_fd):
+    cdef _add(self, int fd_a, int fd_b, uint64_t conn_id, int mptcp_fd, tag, idle_timeout,
+              splice):
         cdef _Worker best = None
         cdef _Worker wk
         cdef Pair *p
+        cdef bint splicing = self._splice if splice is None else splice
         if self._closed:
             raise RuntimeError("the relay is closed")
         if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
             raise ValueError("two distinct open fds are needed")
+        cdef uint32_t ptag = _check_tag(tag)
+        cdef int64_t idle_ns = self._nanoseconds("idle_timeout", idle_timeout)
         for fd in (fd_a, fd_b):
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
-        if self._splice:
+        if splicing:
             # A blocking fd would let one splice() (it has no MSG_DONTWAIT, unlike the
             # recv/send of the copy path) hold up the thread.
             os.set_blocking(fd_a, False)
@@ -214,21 +255,42 @@ cdef class Relay:
         p.side[0].pair = p
         p.side[1].pair = p
         p.conn_id = conn_id
+        p.tag = ptag
+        p.idle_ns = idle_ns
+        p.splice = splicing
         p.mptcp_side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         p.start_ns = now_ns()
         best.push(p)
+
+    cdef int64_t _nanoseconds(self, name, value) except? -1:
+        # A per-pair time (None: the relay's default) as the engine holds it.
+        if value is None:
+            value = self._idle_timeout
+        _check_seconds(name, value, True)
+        return <int64_t>(value * NS)
 
     def new_id(self):
         return new_conn_id()
 
     def listen(self, int fd, int family, tuple sockaddr, bint mptcp, int mptcp_side=-1,
-               unsigned int mark=0, double connect_timeout=10.0):
+               unsigned int mark=0, double connect_timeout=10.0, *, tag=0, idle_timeout=None,
+               splice=None):
         cdef _Worker w
         cdef int one = 1
+        cdef ListenCfg cfg
         if self._closed:
             raise RuntimeError("the relay is closed")
         _check_seconds("connect_timeout", connect_timeout, False)
+        memset(&cfg, 0, sizeof(cfg))
+        cfg.tag = _check_tag(tag)
+        cfg.idle_ns = self._nanoseconds("idle_timeout", idle_timeout)
+        cfg.connect_ns = <int64_t>(connect_timeout * NS)
+        cfg.splice = self._splice if splice is None else splice
         raw = _sockaddr_bytes(family, sockaddr)
+        memcpy(&cfg.up_addr, <char *>raw, len(raw))
+        cfg.up_len = len(raw)
+        cfg.up_family, cfg.up_proto, cfg.up_mptcp_side = family, 262 if mptcp else 0, mptcp_side
+        cfg.mark = mark
         # accept4() in a loop until EAGAIN: on a blocking listener the worker would hang in
         # it as soon as another worker took the connection.
         os.set_blocking(fd, False)
@@ -236,18 +298,29 @@ cdef class Relay:
         if c.setsockopt(fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one)) != 0:
             raise OSError(c.errno, os.strerror(c.errno))
         for w in self._workers:
-            w.set_listen(fd, raw, family, 262 if mptcp else 0, mptcp_side, mark,
-                         connect_timeout)
+            if w.set_listen(fd, &cfg) < 0:
+                self.unlisten(fd)
+                raise RuntimeError(f"a relay serves at most {MAX_LISTENERS} listeners")
 
-    def unlisten(self):
+    def unlisten(self, fd=None):
         cdef _Worker w
         for w in self._workers:
-            w.set_unlisten()
+            w.set_unlisten(-1 if fd is None else fd)
+
+    def holds(self, int fd):
+        cdef _Worker w
+        return any([w.holds(fd) for w in self._workers])
 
     @property
     def listening(self):
         cdef _Worker w
-        return any([w.w.listening for w in self._workers])
+        return any([w.holds(-1) for w in self._workers])
+
+    def open_pairs(self, tag):
+        cdef _Worker w
+        cdef uint32_t t = _check_tag(tag)
+        return max(0, sum([c.__atomic_load_i64(&w.w.open_by_tag[t], c.__ATOMIC_ACQUIRE)
+                           for w in self._workers]))
 
     def collect(self):
         cdef uint64_t junk
@@ -282,6 +355,12 @@ cdef class Relay:
         if not self._closed and self._workers is not None:
             for w in self._workers:
                 w.signal_stop()
+
+
+def _check_tag(tag):
+    if not 0 <= tag < MAX_TAGS:
+        raise ValueError(f"tag must be from 0 to {MAX_TAGS - 1}, not {tag}")
+    return tag
 
 
 def _close_fds(int fd_a, int fd_b):

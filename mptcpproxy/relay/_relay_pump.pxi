@@ -215,7 +215,7 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
                 hf.len = n - s
                 dst.writable = 0
                 return 0
-            if <size_t>n >= SPLICE_MIN and w.splice and hf.splicing == 0 \
+            if <size_t>n >= SPLICE_MIN and p.splice and hf.splicing == 0 \
                     and start_splice(w, hf) == 0:
                 # Bulk: splice the rest of this burst and what follows.
                 rc = splice_half(w, p, h, budget, n)

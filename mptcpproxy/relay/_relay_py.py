@@ -4,7 +4,6 @@ extension is absent and as the test oracle. Keep the two in step."""
 from __future__ import annotations
 
 import errno as E
-import itertools
 import os
 import select
 import signal
@@ -14,10 +13,17 @@ import threading
 import time
 from collections import deque
 
+from mptcpproxy.relay._relay_py_accept import (
+    MAX_LISTENERS,
+    Accept,
+    ListenCfg,
+    _ids,
+    _Listen,
+    try_setsockopt,
+)
 from mptcpproxy.relay._relay_py_pump import Pump, _Pair
 from mptcpproxy.relay._results import (
     ABORTED,
-    ACCEPT_ERROR,
     ERROR,
     FAILED,
     MAX_SECONDS,
@@ -27,10 +33,8 @@ from mptcpproxy.relay._results import (
     WorkerStats,
 )
 
-ACCEPT_BATCH = 64
 NOTIFY_S = 0.02  # the longest a finished pair waits to be reported: fewer wake-ups
-_OUT_OF_RESOURCES = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
-_ids = itertools.count(1)  # connection ids, shared by every relay (next() holds the GIL)
+MAX_TAGS = 1024  # listener tags: 0 .. MAX_TAGS-1, as the compiled engine
 _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -38,14 +42,11 @@ _RDHUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
-class _Worker(Pump):
-    def __init__(self, bufsize: int, idle_timeout: float, notify_fd: int, results: deque,
-                 splice: bool = False, busy_poll: float = 0.0):
+class _Worker(Pump, Accept):
+    def __init__(self, bufsize: int, notify_fd: int, results: deque, busy_poll: float = 0.0):
         self.bufsize = bufsize
-        self.splice = splice
         self.busy_poll = busy_poll  # poll without sleeping this long after the last event
         self.pipes: list[tuple[int, int]] = []  # spare empty pipes
-        self.idle = idle_timeout
         self.notify_fd = notify_fd
         self.results = results
         self.ep = select.epoll()
@@ -61,10 +62,9 @@ class _Worker(Pump):
         self.total = self.finished = self.nbytes = 0
         self.accepted = self.accept_errors = 0
         self.notify_pending, self.last_notify = False, 0.0
-        self.listener: socket.socket | None = None  # Relay.listen: accept here too
-        self.want_listen = self.listening = False
-        self.resume_at = 0.0
-        self.upstream: tuple = ()  # (family, sockaddr, proto, mptcp_side, mark, timeout)
+        self.listeners: dict[int, _Listen] = {}  # Relay.listen: accept here too
+        self.paused = False  # a wanted listener is out of the epoll set for now
+        self.open_by_tag: dict[int, int] = {}  # pairs open per listener tag
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay-py", daemon=True)
         self.thread.start()
@@ -80,7 +80,15 @@ class _Worker(Pump):
         with self.lock:
             self.incoming.append(pair)
             self.total += 1
+        self.count_open(pair.tag, 1)
         os.eventfd_write(self.wake_fd, 1)
+
+    def wake(self) -> None:
+        os.eventfd_write(self.wake_fd, 1)
+
+    def count_open(self, tag: int, delta: int) -> None:
+        with self.lock:
+            self.open_by_tag[tag] = self.open_by_tag.get(tag, 0) + delta
 
     def stop(self) -> None:
         self.stopping = True
@@ -101,7 +109,7 @@ class _Worker(Pump):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
         next_scan = now = last_event = 0.0
         while True:
-            busy = self.pairs or (self.want_listen and not self.listening)
+            busy = self.pairs or self.paused
             if self.ready or now - last_event < self.busy_poll:
                 timeout = 0  # more to do, or busy polling: the next event is handled unslept
             else:
@@ -116,8 +124,10 @@ class _Worker(Pump):
                 if fd == self.wake_fd:
                     self._take_incoming(now)
                     continue
-                if self.listener is not None and fd == self.listener.fileno():
-                    self._accept_some(now)
+                listener = self.listeners.get(fd)
+                if listener is not None:
+                    if listener.listening:
+                        self._accept_some(listener, now)
                     continue
                 entry = self.pairs.get(fd)
                 if entry is None:
@@ -160,7 +170,7 @@ class _Worker(Pump):
                     # a pair whose upstream never answered: a connect that was cut short
                     self._finish(pair, *((FAILED, E.ECANCELED) if pair.connecting
                                          else (ABORTED, 0)))
-                self.want_listen = False
+                self.set_unlisten(None)
                 self._sync_listener(now)
                 self._bury()
                 return
@@ -172,9 +182,9 @@ class _Worker(Pump):
             if i == 1 or pair.dead:
                 continue
             if pair.connecting:
-                if now - pair.start >= self.upstream[5]:
+                if now - pair.start >= pair.connect_timeout:
                     self._finish(pair, FAILED, E.ETIMEDOUT)
-            elif self.idle > 0 and now - pair.last >= self.idle:
+            elif pair.idle > 0 and now - pair.last >= pair.idle:
                 self._finish(pair, TIMEOUT, 0)
             elif pair.mptcp_side >= 0 and pair.last > pair.sampled and now - pair.sampled >= 1:
                 pair.sample_mptcp()
@@ -204,88 +214,6 @@ class _Worker(Pump):
             return False
         return True
 
-    # -- accept + connect in the worker (Relay.listen) -------------------------------------
-
-    def _sync_listener(self, now: float) -> None:
-        # A failing epoll_ctl leaves the state as it was, to be tried again at the next
-        # scan: the worker thread must not die of it (its pairs would hang).
-        if self.listener is None:
-            return
-        try:
-            if self.want_listen and not self.listening and now >= self.resume_at:
-                self.ep.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-                self.listening = True
-            elif self.listening and (not self.want_listen or now < self.resume_at):
-                self.ep.unregister(self.listener.fileno())
-                self.listening = False
-        except (OSError, ValueError):
-            pass
-
-    def _accept_some(self, now: float) -> None:
-        family, sockaddr, proto, mptcp_side, mark, _ = self.upstream
-        for _ in range(ACCEPT_BATCH):
-            try:
-                client, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:  # leave the listener alone for 100 ms
-                    self.accept_errors += 1
-                    self.resume_at = now + 0.1
-                    self._sync_listener(now)
-                    self._report(Result(0, 0, 0, 0.0, ACCEPT_ERROR, exc.errno, False, 0))
-                    return
-                continue  # ECONNABORTED and the like: that client is gone already
-            self.accepted += 1
-            client.setblocking(False)
-            pair = _Pair([client, None], next(_ids), mptcp_side, addr[:2])
-            with self.lock:
-                self.total += 1
-            try:
-                up = socket.socket(family, socket.SOCK_STREAM, proto)
-            except OSError as exc:
-                self._finish(pair, FAILED, exc.errno or 0)
-                if exc.errno in _OUT_OF_RESOURCES:  # accept no more clients we cannot serve
-                    self.accept_errors += 1
-                    self.resume_at = now + 0.1
-                    self._sync_listener(now)
-                    return
-                continue
-            pair.socks[1] = up
-            try:
-                up.setblocking(False)
-                if mark:  # as the compiled engine: a refused mark is not fatal here
-                    _try_setsockopt(up, socket.SOL_SOCKET, socket.SO_MARK, mark)
-                # No Nagle delay added by the relay (the client has it from the listener).
-                _try_setsockopt(up, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                err = up.connect_ex(sockaddr)
-            except OSError as exc:
-                err = exc.errno or E.EINVAL
-            if err not in (0, E.EINPROGRESS):
-                self._finish(pair, FAILED, err)
-                continue
-            pair.connecting = True  # even when done already: EPOLLOUT follows at once
-            self._register(pair, now)
-
-    def _connect_pending(self, pair: _Pair, i: int, ev: int) -> bool:
-        # True while nothing may move yet (the client's readiness is kept for later).
-        if i == 0:
-            if ev & select.EPOLLERR:
-                err = pair.socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self._fail(pair, err)  # the client gave up while we were connecting
-            return True
-        if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
-            return True
-        if ev & (select.EPOLLERR | select.EPOLLHUP):  # EPOLLOUT alone: connected
-            err = pair.socks[1].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._finish(pair, FAILED, err)
-                return True
-        pair.connecting = False
-        pair.sample_mptcp()
-        return False
-
     def _finish(self, pair: _Pair, reason: str, err: int) -> None:
         if pair.dead:
             return
@@ -305,16 +233,17 @@ class _Worker(Pump):
             except (OSError, ValueError):
                 pass  # never registered (a failed connect, a failed register)
             if rst:  # a FIN would tell the receiver of undelivered bytes it had them all
-                _try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             self.graveyard.append(sock)
         pair.dead = True
         pair.pending = [b"", b""]
         self._end_splice(pair, 0, 0)
         self._end_splice(pair, 1, 0)
         self.finished += 1
+        self.count_open(pair.tag, -1)
         self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
-            reason, err, pair.is_mptcp, pair.subflows, pair.client,
+            reason, err, pair.is_mptcp, pair.subflows, pair.client, pair.tag,
         ))
 
     def _bury(self) -> None:
@@ -327,18 +256,17 @@ class _Worker(Pump):
         self.notify_pending = True
 
 
-def _try_setsockopt(sock: socket.socket, level: int, opt: int, value) -> None:
-    try:
-        sock.setsockopt(level, opt, value)
-    except OSError:
-        pass
-
-
 def _close_quietly(fd: int) -> None:
     try:
         os.close(fd)
     except OSError:
         pass
+
+
+def _check_tag(tag: int) -> int:
+    if not 0 <= tag < MAX_TAGS:
+        raise ValueError(f"tag must be from 0 to {MAX_TAGS - 1}, not {tag}")
+    return tag
 
 
 def _check_seconds(name: str, value: float, zero_ok: bool) -> None:
@@ -360,14 +288,13 @@ class Relay:
         _check_seconds("idle_timeout", idle_timeout, True)
         _check_seconds("busy_poll", busy_poll, True)
         self._results: deque[Result] = deque()
-        self._splice = splice
+        self._splice = splice  # defaults for pairs and listeners that name none
+        self._idle_timeout = idle_timeout
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._workers = [
-            _Worker(bufsize, idle_timeout, self._notify_fd, self._results, splice, busy_poll)
-            for _ in range(workers)
-        ]
+        self._workers = [_Worker(bufsize, self._notify_fd, self._results, busy_poll)
+                         for _ in range(workers)]
         self._closed = False
-        self._listener: socket.socket | None = None
+        self._listeners: dict[int, socket.socket] = {}  # the callers' fds, never closed
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")
@@ -380,17 +307,21 @@ class Relay:
     def active(self) -> int:
         return sum(w.active for w in self._workers)
 
-    def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1) -> None:
+    def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1, *, tag: int = 0,
+            idle_timeout: float | None = None, splice: bool | None = None) -> None:
         # Both fds belong to the relay from this call on: if it fails, they are closed.
         socks: list[socket.socket] = []
+        splice = self._splice if splice is None else splice
         try:
             if self._closed:
                 raise RuntimeError("the relay is closed")
             if fd_a < 0 or fd_b < 0 or fd_a == fd_b:
                 raise ValueError("two distinct open fds are needed")
+            _check_tag(tag)
+            idle = self._idle(idle_timeout)
             for fd in (fd_a, fd_b):
                 socks.append(socket.socket(fileno=fd))
-            if self._splice:  # a blocking fd would let one splice() hold up the thread
+            if splice:  # a blocking fd would let one splice() hold up the thread
                 for sock in socks:
                     sock.setblocking(False)
         except BaseException:
@@ -402,36 +333,53 @@ class Relay:
             raise
         side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         worker = min(self._workers, key=lambda w: w.active)
-        worker.push(_Pair(socks, conn_id, side))
+        worker.push(_Pair(socks, conn_id, side, None, tag, idle, splice))
+
+    def _idle(self, idle_timeout: float | None) -> float:
+        idle = self._idle_timeout if idle_timeout is None else idle_timeout
+        _check_seconds("idle_timeout", idle, True)
+        return idle
 
     def new_id(self) -> int:
         return next(_ids)
 
     def listen(self, fd: int, family: int, sockaddr: tuple, mptcp: bool, mptcp_side: int = -1,
-               mark: int = 0, connect_timeout: float = 10.0) -> None:
+               mark: int = 0, connect_timeout: float = 10.0, *, tag: int = 0,
+               idle_timeout: float | None = None, splice: bool | None = None) -> None:
         if self._closed:
             raise RuntimeError("the relay is closed")
         _check_seconds("connect_timeout", connect_timeout, False)
-        self._listener = socket.socket(fileno=fd)  # the caller's fd: detached, never closed
+        cfg = ListenCfg(family, sockaddr, 262 if mptcp else 0, mptcp_side, mark,
+                        connect_timeout, _check_tag(tag), self._idle(idle_timeout),
+                        self._splice if splice is None else splice)
+        sock = self._listeners.get(fd)
+        if sock is None:  # the caller's fd: detached at close, never closed
+            sock = self._listeners[fd] = socket.socket(fileno=fd)
         # accept() in a loop until EAGAIN: a blocking listener would hang the worker
-        self._listener.setblocking(False)
+        sock.setblocking(False)
         # Accepted sockets inherit TCP_NODELAY: no setsockopt() per client.
-        self._listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for w in self._workers:
-            w.upstream = (family, sockaddr, 262 if mptcp else 0, mptcp_side, mark,
-                          connect_timeout)
-            w.listener = self._listener
-            w.want_listen = True
-            os.eventfd_write(w.wake_fd, 1)
+            if not w.set_listen(sock, cfg):
+                self.unlisten(fd)
+                raise RuntimeError(f"a relay serves at most {MAX_LISTENERS} listeners")
+            w.wake()
 
-    def unlisten(self) -> None:
+    def unlisten(self, fd: int | None = None) -> None:
         for w in self._workers:
-            w.want_listen = False
-            os.eventfd_write(w.wake_fd, 1)
+            w.set_unlisten(fd)
+            w.wake()
+
+    def holds(self, fd: int) -> bool:
+        return any(w.holds(fd) for w in self._workers)
 
     @property
     def listening(self) -> bool:
-        return any(w.listening for w in self._workers)
+        return any(w.holds(None) for w in self._workers)
+
+    def open_pairs(self, tag: int) -> int:
+        _check_tag(tag)
+        return max(0, sum(w.open_by_tag.get(tag, 0) for w in self._workers))
 
     def collect(self) -> list[Result]:
         if self._notify_fd >= 0:
@@ -455,8 +403,9 @@ class Relay:
         for w in self._workers:
             w.stop()
         self._workers = []
-        if self._listener is not None:
-            self._listener.detach()
+        for sock in self._listeners.values():
+            sock.detach()
+        self._listeners = {}
         os.close(self._notify_fd)
         self._notify_fd = -1
 

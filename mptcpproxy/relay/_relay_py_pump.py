@@ -49,12 +49,18 @@ class _Pair:
     __slots__ = (
         "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
         "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
-        "connecting", "client", "splicing", "pipe", "inpipe",
+        "connecting", "client", "splicing", "pipe", "inpipe", "tag", "idle", "splice",
+        "connect_timeout",
     )
 
     def __init__(self, socks: list, conn_id: int, mptcp_side: int,
-                 client: tuple | None = None) -> None:
+                 client: tuple | None = None, tag: int = 0, idle: float = 0.0,
+                 splice: bool = False, connect_timeout: float = 0.0) -> None:
         self.socks = socks  # [a, b]; b is None until an accepted pair's upstream exists
+        self.tag = tag  # the listener it came from
+        self.idle = idle  # close after this long without a byte moving (0: never)
+        self.splice = splice  # halves that move bulk splice through a pipe
+        self.connect_timeout = connect_timeout  # accepted pairs: give up connecting then
         self.connecting = False  # accepted by the worker, upstream connect() under way
         self.client = client
         self.readable = [False, False]
@@ -95,11 +101,10 @@ class _Pair:
 
 
 class Pump:
-    """Needs from the worker: `bufsize`, `splice`, `pipes` (the spare pipes), `ready`,
-    `nbytes`, and `_finish(pair, reason, err)`."""
+    """Needs from the worker: `bufsize`, `pipes` (the spare pipes), `ready`, `nbytes`,
+    and `_finish(pair, reason, err)`."""
 
     bufsize: int
-    splice: bool
     pipes: list[tuple[int, int]]
     ready: list[_Pair]
     nbytes: int
@@ -165,7 +170,7 @@ class Pump:
                 pair.pending[h] = data[sent:]
                 pair.writable[d] = False
                 return True
-            if (len(data) >= SPLICE_MIN and self.splice and pair.splicing[h] == 0
+            if (len(data) >= SPLICE_MIN and pair.splice and pair.splicing[h] == 0
                     and self._start_splice(pair, h)):
                 # bulk: splice the rest of this burst and what follows
                 spliced = self._splice_half(pair, h, now, budget, len(data))

@@ -27,10 +27,11 @@ class Result(NamedTuple):
     bytes_ba: int  # bytes delivered from fd_b to fd_a
     duration: float  # seconds between add() and the close
     reason: str
-    errno: int  # 0 unless reason is RESET or ERROR
+    errno: int  # why: set for RESET, ERROR, FAILED and ACCEPT_ERROR, else 0
     is_mptcp: bool  # the watched fd (mptcp_fd) really ran MPTCP (TCP_IS_MPTCP)
     subflows: int  # most subflows seen on it, the first included (0 when not MPTCP)
     client: tuple | None = None  # (host, port) of a client the relay accepted itself
+    tag: int = 0  # the listener's tag given to Relay.listen or Relay.add
 
 
 class WorkerStats(NamedTuple):

@@ -1,6 +1,6 @@
 # C declarations the relay uses, and only those.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<errno.h>" nogil:
@@ -156,6 +156,9 @@ cdef extern from * nogil:
     # counters one thread writes while another reads them.
     uint64_t __atomic_fetch_add(uint64_t *ptr, uint64_t val, int memorder)
     uint64_t __atomic_load_n(uint64_t *ptr, int memorder)
+    int64_t __atomic_load_i64 "__atomic_load_n"(int64_t *ptr, int memorder)
+    int64_t __atomic_fetch_add_i64 "__atomic_fetch_add"(int64_t *ptr, int64_t val,
+                                                         int memorder)
     void __atomic_store_n(uint64_t *ptr, uint64_t val, int memorder)
     enum:
         __ATOMIC_RELAXED
