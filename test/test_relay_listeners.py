@@ -19,6 +19,13 @@ def _listener() -> socket.socket:
     return lsock
 
 
+def _silent_upstream() -> socket.socket:
+    """A listener the test accepts from itself."""
+    upstream = _listener()
+    upstream.settimeout(TIMEOUT)
+    return upstream
+
+
 def _roundtrip(lsock: socket.socket, payload: bytes = b"ping") -> bytes:
     """Send `payload`, half-close, return all the upstream's reply."""
     with socket.create_connection(lsock.getsockname(), timeout=TIMEOUT) as client:
@@ -77,10 +84,7 @@ def test_listening_again_replaces_the_settings_for_new_clients(engine):
 
 
 def test_letting_go_of_one_listener_keeps_the_others_and_their_pairs(engine):
-    upstream = socket.socket()
-    upstream.bind(("127.0.0.1", 0))
-    upstream.listen(8)
-    upstream.settimeout(TIMEOUT)
+    upstream = _silent_upstream()
     relay = engine(workers=2)
     l1, l2 = _listener(), _listener()
     try:
@@ -114,10 +118,7 @@ def test_letting_go_of_one_listener_keeps_the_others_and_their_pairs(engine):
 
 
 def test_idle_timeout_per_listener_and_per_pair(engine):
-    upstream = socket.socket()
-    upstream.bind(("127.0.0.1", 0))
-    upstream.listen(8)
-    upstream.settimeout(TIMEOUT)
+    upstream = _silent_upstream()
     relay = engine(idle_timeout=0.0)
     quick, patient = _listener(), _listener()
     try:
