@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the proxy until SIGINT/SIGTERM; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGHUP (systemctl reload, logrotate) is never fatal: ignored until the log set-up or
+    # the control plane's loop gives it a meaning, so no moment of the start-up dies of it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.check:
         from mptcpproxy.check import run_check
 

@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 
-from mptcpproxy import connlog, origdst, sockets
+from mptcpproxy import connlog, logsetup, origdst, sockets
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.connect import Attempt, literal, resolve
 from mptcpproxy.connlog import Conn, reason
@@ -25,6 +25,7 @@ log = logging.getLogger("mptcpproxy")
 
 ACCEPT_BATCH = 64  # accepts per wake-up, so set-up tasks get the loop in between
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -101,6 +102,7 @@ class Proxy:
         self.stopping = asyncio.Event()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         name = sockets.peer_name(self.listener.getsockname())
         log.info(
             "listening on %s (%s), forwarding to %s over %s; %d relay worker(s), %s engine",
@@ -116,6 +118,15 @@ class Proxy:
             self.hurry = True
             log.info("second stop signal: closing the open connections now")
         self.stopping.set()
+
+    def _on_hangup(self) -> None:
+        # systemctl reload and logrotate's postrotate: never fatal (DESIGN.md, Operations).
+        reopened = logsetup.reopen_log_files()
+        if reopened:
+            log.info("SIGHUP: reopened the log file %s", ", ".join(reopened))
+        else:
+            log.info("SIGHUP: no log file to reopen; configuration reload is not supported "
+                     "yet; ignored")
 
     def _start_transparent(self) -> None:
         from mptcpproxy import conntrack, firewall
@@ -295,7 +306,14 @@ class Proxy:
     # -- stop -----------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+            await self._until_stopped()
+            await self.drain()
+        finally:
+            _ignore_signals(asyncio.get_running_loop())
+
+    async def _until_stopped(self) -> None:
         try:
             if self.firewall is not None:
                 try:
@@ -308,7 +326,6 @@ class Proxy:
             if self.firewall is not None:
                 # before the drain: new connections then flow as if the proxy were not there
                 self.firewall.restore_firewall()
-        await self.drain()
 
     async def drain(self) -> None:
         """Stop accepting at once; let open pairs finish for drain_timeout, then abort them."""
@@ -340,17 +357,17 @@ class Proxy:
             self._log_result(result)
         if self.metrics_server is not None:
             self.metrics_server.close()
-        _ignore_stop_signals(loop)
         log.info("stopped")
 
 
-def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
-    # Stopped cleanly: a late SIGTERM (systemd signals the whole cgroup, a supervisor may
-    # repeat itself) must not turn exit 0 into death by signal. Blocked while the loop's
-    # handlers go (which restores SIG_DFL), then ignored, which also drops a pending one.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
+    # Stopped (or failed to start): a late SIGTERM (systemd signals the whole cgroup, a
+    # supervisor may repeat itself) or SIGHUP must not turn the exit code into death by
+    # signal, neither here nor when the loop closes. Blocked while the loop's handlers go
+    # (which restores SIG_DFL), then ignored, which also drops a pending one.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
-        for sig in STOP_SIGNALS:
+        for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
     finally:
