@@ -84,8 +84,7 @@ class Proxy:
                 self.metrics_server = await start_metrics_server(
                     self.metrics, cfg.metrics.host, cfg.metrics.port)
             except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {cfg.metrics}: "
-                                   f"{os.strerror(exc.errno or 0).lower()}") from None
+                raise StartupError(self._metrics_error(exc)) from None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.relay.notify_fd, self._on_results)
         # A fixed upstream address needs no decision per connection: the relay workers
@@ -166,6 +165,13 @@ class Proxy:
         if exc.errno in (errno.ENOPROTOOPT, errno.EPROTONOSUPPORT, errno.EINVAL):
             return sockets.mptcp_refusal(exc.errno)
         return f"cannot listen on {where}: {os.strerror(exc.errno or 0)}"
+
+    def _metrics_error(self, exc: OSError) -> str:
+        where = self.config.metrics
+        if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code, not for strerror
+            return (f"cannot serve metrics on {where}: cannot resolve the name '{where.host}' "
+                    f"({exc.strerror}): check the name or give an IP address")
+        return f"cannot serve metrics on {where}: {os.strerror(exc.errno or 0).lower()}"
 
     # -- accept ---------------------------------------------------------------------------
 
