@@ -84,26 +84,21 @@ def test_sighup_is_never_fatal(tmp_path: Path, log_file: bool, path: str) -> Non
 
 
 def test_sighup_during_startup_is_not_fatal(tmp_path: Path) -> None:
-    """SIGHUP from the moment the arguments are parsed: the proxy comes up all the same."""
+    """SIGHUP all along the start-up: the proxy comes up all the same."""
     upstream = echo_server()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # The signal is sent only once the process has written a byte to its stdout, which a
-    # wrapper does right after main() parsed the arguments.
+    # The signals start once the process has written a line to its stdout, which a wrapper
+    # does as soon as main() has set up logging, right after parsing the arguments.
     wrapper = (
         "import sys\n"
         "from mptcpproxy import cli\n"
-        "parse = cli.build_parser\n"
-        "def build():\n"
-        "    parser = parse()\n"
-        "    orig = parser.parse_args\n"
-        "    def parse_args(argv=None):\n"
-        "        args = orig(argv)\n"
-        "        sys.stdout.write('parsed\\n'); sys.stdout.flush()\n"
-        "        return args\n"
-        "    parser.parse_args = parse_args\n"
-        "    return parser\n"
-        "cli.build_parser = build\n"
+        "setup = cli.logsetup.setup_logging\n"
+        "def setup_logging(*args):\n"
+        "    handler = setup(*args)\n"
+        "    sys.stdout.write('logging\\n'); sys.stdout.flush()\n"
+        "    return handler\n"
+        "cli.logsetup.setup_logging = setup_logging\n"
         "raise SystemExit(cli.main())\n"
     )
     proc = subprocess.Popen(
@@ -112,7 +107,7 @@ def test_sighup_during_startup_is_not_fatal(tmp_path: Path) -> None:
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        assert proc.stdout.readline() == "parsed\n"
+        assert proc.stdout.readline() == "logging\n"
         # Hang up all along the start-up, until the proxy serves.
         deadline = time.monotonic() + TIMEOUT
         while proc.poll() is None and not accepting(port):
