@@ -267,14 +267,24 @@ class Proxy:
             log.debug("conn %d: %s -> %s established", conn_id,
                       sockets.peer_name(attempt.addr), sockets.peer_name(attempt.sockaddr))
         mptcp_leg = not cfg.disable_mptcp
-        self.conns[conn_id] = Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
         fd_client, fd_up = client.detach(), upstream.detach()
         mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
-        self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
+        try:
+            self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
+        except (OSError, MemoryError, RuntimeError, ValueError) as exc:
+            # Relay.add owns both fds from the call on: it has closed them.
+            self.metrics.relay_refused()
+            log.warning("conn %d from %s: cannot be relayed: %s; closing both connections",
+                        conn_id, sockets.peer_name(attempt.addr), reason(exc))
+            return
+        # Its Result is collected on this thread, so never before this entry exists.
+        self.conns[conn_id] = Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
 
     # -- results --------------------------------------------------------------------------
 
     def _on_results(self) -> None:
+        # Every collect goes through here, the drain's last one too: a connect failure is
+        # never reported as a closed connection, an accept error never dropped.
         for result in self.relay.collect():
             if result.reason == FAILED:
                 self._log_failed(result)
@@ -337,17 +347,8 @@ class Proxy:
         """Stop accepting at once; let open pairs finish for drain_timeout, then abort them."""
         loop = asyncio.get_running_loop()
         sd_notify("STOPPING=1")
-        if self.listener is not None:
-            if self.fast:
-                # The workers take the listener out of their epoll sets before it is closed.
-                self.relay.unlisten()
-                deadline = loop.time() + 2.0
-                while self.relay.listening and loop.time() < deadline:
-                    await asyncio.sleep(0.002)
-            else:
-                loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
+        self.stopping.set()
+        await self._stop_accepting(loop)
         for attempt in list(self.connecting):
             attempt.cancel()
         self.connecting.clear()
@@ -358,12 +359,36 @@ class Proxy:
         while self.relay.active and loop.time() < deadline and not self.hurry:
             await asyncio.sleep(0.05)
         loop.remove_reader(self.relay.notify_fd)
-        self.relay.close()
-        for result in self.relay.collect():
-            self._log_result(result)
+        self.relay.close()  # which also takes the listener out of every worker's epoll set
+        self._on_results()
+        self._close_listener()
         if self.metrics_server is not None:
             self.metrics_server.close()
         log.info("stopped")
+
+    async def _stop_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The listener is the control plane's: it is closed only once no worker polls it
+        # (DESIGN.md, ownership), else its fd number could be reused under a worker's epoll.
+        if self.listener is None:
+            return
+        if not self.fast:
+            loop.remove_reader(self.listener.fileno())
+            self._close_listener()
+            return
+        self.relay.unlisten()
+        deadline = loop.time() + 2.0
+        while self.relay.listening and loop.time() < deadline:
+            await asyncio.sleep(0.002)
+        if self.relay.listening:
+            log.warning("a relay worker still polls the listener: it is closed once the "
+                        "relay has stopped")
+            return
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -400,8 +425,8 @@ def run(config: Config) -> int:
     try:
         _run_loop(proxy.serve())
     finally:
-        if proxy.listener is not None:
-            proxy.listener.close()
+        # The relay first: closing it takes the listener out of every worker's epoll set.
         if proxy.relay is not None:
             proxy.relay.close()
+        proxy._close_listener()
     return 0

@@ -84,6 +84,11 @@ class Metrics:
         """An accepted connection dropped because its upstream could not be reached."""
         self.connect_failures[reason if reason in CONNECT_FAILURES else "other"] += 1
 
+    def relay_refused(self) -> None:
+        """A connection set up at both ends that Relay.add() could not take: it ends as an
+        error, before any byte."""
+        self.closed[ERROR] += 1
+
     def connection_closed(self, result: Result, mptcp_leg: bool) -> None:
         """A relayed pair ended; the client socket was Relay.add()'s fd_a. `mptcp_leg`: one
         leg was meant to be MPTCP (add()'s mptcp_fd was not -1)."""
