@@ -49,7 +49,10 @@ def test_sighup_is_never_fatal(tmp_path: Path, log_file: bool, path: str) -> Non
         return (tmp_path / "stderr").read_text()
 
     try:
-        wait_for(lambda: accepting(port) or proc.poll() is not None, "the listener")
+        # "listening on" comes once the signal handlers are in place (a SIGHUP before is
+        # ignored, or only reopens the file, without a line to wait for)
+        wait_for(lambda: "listening on" in (log.read_text() if log.exists() else stderr_text())
+                 or proc.poll() is not None, "the start-up line")
         for i in range(HANGUPS):
             if log_file:  # logrotate: rename, then SIGHUP; the next lines go to a new file
                 log.rename(tmp_path / f"proxy.log.{i + 1}")
