@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-r", "--remote", type=_typed(parse_hostport), metavar="HOST:PORT",
         help="upstream address: 10.0.1.2:4444, [2001:db8::2]:4444 or name:port; a name is "
-             "resolved for each new connection and every address it returns is tried; "
+             "resolved anew for the new connections (once for those accepted together) and "
+             "every address it returns is tried; "
              "required unless -t is given. With -t it is where connections go that were not "
              "intercepted (that came straight to the listener); without it those are refused",
     )

@@ -10,11 +10,11 @@ import logging
 import os
 import signal
 import socket
-import time
 
 from mptcpproxy import connlog, logsetup, origdst, sockets
-from mptcpproxy.config import Config, HostPort
-from mptcpproxy.connect import Attempt, literal, resolve
+from mptcpproxy.accepting import Accepting
+from mptcpproxy.config import Config
+from mptcpproxy.connect import OUT_OF_RESOURCES, Attempt, literal, resolve
 from mptcpproxy.connlog import Conn, reason
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay
@@ -23,17 +23,15 @@ from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")
 
-ACCEPT_BATCH = 64  # accepts per wake-up, so set-up tasks get the loop in between
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
-OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class StartupError(Exception):
     """The proxy cannot start; the message is one sentence for a person."""
 
 
-class Proxy:
+class Proxy(Accepting):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.relay: Relay | None = None
@@ -44,6 +42,8 @@ class Proxy:
         self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
         self.stopping: asyncio.Event | None = None
         self._last_warning: dict[str, float] = {}
+        self._accept_paused = False  # out of fds: the listener is left alone for a moment
+        self._resolving: asyncio.Task | None = None  # -r's name, before a batch is accepted
         self.metrics = Metrics(
             active=lambda: len(self.connecting) + (self.relay.active if self.relay else 0),
             worker_stats=lambda: self.relay.stats() if self.relay else [],
@@ -173,113 +173,6 @@ class Proxy:
                     f"({exc.strerror}): check the name or give an IP address")
         return f"cannot serve metrics on {where}: {os.strerror(exc.errno or 0).lower()}"
 
-    # -- accept ---------------------------------------------------------------------------
-
-    def _on_accept(self) -> None:
-        assert self.listener is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, addr = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.metrics.accept_error()
-                if exc.errno in OUT_OF_RESOURCES:
-                    self._pause_accept(exc)
-                elif exc.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
-                    self._warn_once("accept", "accept failed: %s", os.strerror(exc.errno or 0))
-                return
-            self.metrics.connection_accepted()
-            limit = self.config.max_connections
-            if limit and self.relay.active + len(self.connecting) >= limit:
-                self.metrics.connection_rejected()
-                self._warn_once(
-                    "limit", "%d connections open (--max-connections): closing new ones", limit
-                )
-                conn.close()
-                continue
-            conn.setblocking(False)
-            self._begin(conn, addr)
-
-    def _pause_accept(self, exc: OSError) -> None:
-        # Out of fds: stop polling the listener for a moment instead of spinning on it.
-        self._warn_once(
-            "accept-fds", "cannot accept: %s; pausing accepts for 100 ms",
-            os.strerror(exc.errno or 0),
-        )
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.listener.fileno())
-        loop.call_later(0.1, self._resume_accept)
-
-    def _resume_accept(self) -> None:
-        if self.listener is not None and not self.stopping.is_set():
-            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_accept)
-
-    def _warn_once(self, key: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(key, 0.0) >= 1.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
-
-    # -- connection set-up ----------------------------------------------------------------
-
-    def target_for(self, client: socket.socket) -> HostPort:
-        """Where to connect for this client: -r, or its original destination (-t)."""
-        if self.transparent is None:
-            return self.config.remote
-        return self.transparent.target_for(client)
-
-    def _begin(self, client: socket.socket, addr: tuple) -> None:
-        conn_id = self.relay.new_id()
-        try:
-            target = self.target_for(client)
-        except (origdst.Refused, OSError) as exc:  # OSError: the lookup itself failed
-            self.metrics.connect_failed("other")
-            log.warning("conn %d from %s: refused: %s", conn_id, sockets.peer_name(addr),
-                        f"no original destination ({reason(exc)})"
-                        if isinstance(exc, OSError) else exc)
-            client.close()
-            return
-        cfg = self.config
-        attempt = Attempt(
-            asyncio.get_running_loop(), conn_id, client, addr, target, cfg.upstream_mptcp,
-            cfg.mark, self._on_connected, self._on_connect_failed,
-        )
-        self.connecting.add(attempt)
-        attempt.start(cfg.connect_timeout)
-
-    def _on_connect_failed(self, attempt: Attempt, exc: BaseException) -> None:
-        self.connecting.discard(attempt)
-        self.metrics.connect_failed(connect_failure_reason(exc))
-        log.warning(
-            "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            attempt.conn_id, sockets.peer_name(attempt.addr), attempt.target, reason(exc),
-        )
-
-    def _on_connected(self, attempt: Attempt) -> None:
-        self.connecting.discard(attempt)  # before the relay counts it: never counted twice
-        client, upstream = attempt.client, attempt.upstream
-        sockets.set_nodelay(client)
-        sockets.set_nodelay(upstream)
-        cfg = self.config
-        conn_id = attempt.conn_id
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("conn %d: %s -> %s established", conn_id,
-                      sockets.peer_name(attempt.addr), sockets.peer_name(attempt.sockaddr))
-        mptcp_leg = not cfg.disable_mptcp
-        fd_client, fd_up = client.detach(), upstream.detach()
-        mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
-        try:
-            self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
-        except (OSError, MemoryError, RuntimeError, ValueError) as exc:
-            # Relay.add owns both fds from the call on: it has closed them.
-            self.metrics.relay_refused()
-            log.warning("conn %d from %s: cannot be relayed: %s; closing both connections",
-                        conn_id, sockets.peer_name(attempt.addr), reason(exc))
-            return
-        # Its Result is collected on this thread, so never before this entry exists.
-        self.conns[conn_id] = Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
-
     # -- results --------------------------------------------------------------------------
 
     def _on_results(self) -> None:
@@ -373,6 +266,8 @@ class Proxy:
             return
         if not self.fast:
             loop.remove_reader(self.listener.fileno())
+            if self._resolving is not None:
+                self._resolving.cancel()
             self._close_listener()
             return
         self.relay.unlisten()
