@@ -77,8 +77,7 @@ class Proxy(Accepting):
             )
         except OSError as exc:
             raise StartupError(self._listen_error(exc)) from None
-        self.relay = Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
-                           cfg.busy_poll)
+        self.relay = self._start_relay()
         if cfg.metrics is not None:
             try:
                 self.metrics_server = await start_metrics_server(
@@ -149,6 +148,18 @@ class Proxy(Accepting):
             why = self.firewall.unsupported_reason()
             if why:
                 raise StartupError(why)
+
+    def _start_relay(self) -> Relay:
+        cfg = self.config
+        try:
+            return Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
+                         cfg.busy_poll)
+        except (MemoryError, OSError, RuntimeError) as exc:  # RuntimeError: no new thread
+            why = "out of memory" if isinstance(exc, MemoryError) else reason(exc)
+            raise StartupError(
+                f"cannot start {cfg.worker_count} relay workers with {cfg.buffer_size >> 10} "
+                f"KiB buffers ({why}): use fewer --workers or a smaller --buffer-size"
+            ) from None
 
     def _listen_error(self, exc: OSError) -> str:
         cfg = self.config

@@ -5,6 +5,7 @@ proxy that starts and misbehaves, or a start-up that takes the machine's memory.
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 from test_cli import assert_one_line_error, free_port, proxy
@@ -80,3 +81,14 @@ def test_unresolvable_metrics_host_says_so():
                  "127.0.0.1:1", "--disable-mptcp", "--metrics", "nonexistent.invalid:9541")
     assert_one_line_error(proc, 1, "nonexistent.invalid", "cannot resolve")
     assert "unknown error" not in proc.stderr
+
+
+def test_relay_that_cannot_get_its_memory_is_one_line():
+    """Within the bounds, but more than this process may have: 64 workers of 64 MiB buffers
+    under a 2 GB address-space limit."""
+    proc = subprocess.run(
+        ["prlimit", "--as=2000000000", sys.executable, "-m", "mptcpproxy", "-m", "client",
+         "-p", str(free_port()), "-b", "127.0.0.1", "-r", "127.0.0.1:1", "--disable-mptcp",
+         "--workers", "64", "--buffer-size", "65536"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert_one_line_error(proc, 1, "64 relay workers", "--workers", "--buffer-size")
