@@ -188,6 +188,7 @@ class Attempt:
             self._task.cancel()
         if self._retry is not None:
             self._retry.cancel()
+            self._retry = None
         if self.upstream is not None:
             self._stop_writing()
             self.upstream.close()
