@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 from collections.abc import Callable
 
 from mptcpproxy import __version__, logsetup
 from mptcpproxy.config import (
+    MAX_BUFFER_KIB,
+    MAX_BUSY_POLL_USEC,
+    MAX_CONNECTIONS,
+    MAX_SECONDS,
+    MAX_WORKERS,
+    MIN_BUFFER_KIB,
+    MIN_SECONDS,
     Config,
     ConfigError,
     parse_bind,
@@ -68,29 +77,43 @@ def _typed(parse):
     return convert
 
 
-def _whole(minimum: int) -> Callable[[str], int]:
+def _whole(minimum: int, maximum: int, unit: str = "") -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        except ValueError:  # also for a number of more than 4300 digits
+            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a whole number") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+            raise argparse.ArgumentTypeError(f"{value}{unit} must be at least {minimum}{unit}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value}{unit} must be at most {maximum}{unit}")
         return value
     return parse
 
 
-_positive_int = _whole(1)
-_nonnegative_int = _whole(0)
+_workers = _whole(1, MAX_WORKERS)
+_buffer_kib = _whole(MIN_BUFFER_KIB, MAX_BUFFER_KIB, " KiB")
+_busy_poll_usec = _whole(0, MAX_BUSY_POLL_USEC, " us")
+_connections = _whole(1, MAX_CONNECTIONS)
+SECONDS_RANGE = f"{MIN_SECONDS:g}-{MAX_SECONDS} s"
 
 
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
-    if not value > 0:
+        value = math.nan
+    if not math.isfinite(value):  # inf would overflow the engine's nanoseconds, nan is no time
+        raise argparse.ArgumentTypeError(
+            f"'{text[:40]}' is not a number of seconds (use {SECONDS_RANGE})")
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    if value < MIN_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text} s is below the minimum of {MIN_SECONDS:g} s (use {SECONDS_RANGE})")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text} s is above the maximum of {MAX_SECONDS} s (use {SECONDS_RANGE})")
     return value
 
 
@@ -116,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-r", "--remote", type=_typed(parse_hostport), metavar="HOST:PORT",
         help="upstream address: 10.0.1.2:4444, [2001:db8::2]:4444 or name:port; a name is "
-             "resolved for each new connection and every address it returns is tried; "
+             "resolved anew for the new connections (once for those accepted together) and "
+             "every address it returns is tried; "
              "required unless -t is given. With -t it is where connections go that were not "
              "intercepted (that came straight to the listener); without it those are refused",
     )
@@ -162,27 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="use plain TCP on both legs",
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=0, metavar="N",
-        help="relay threads (default: the number of CPUs)",
+        "--workers", type=_workers, default=0, metavar="N",
+        help=f"relay threads, 1-{MAX_WORKERS} (default: the number of CPUs, at most "
+             f"{MAX_WORKERS})",
     )
     parser.add_argument(
         "--connect-timeout", type=_seconds, default=10.0, metavar="SECONDS",
-        help="give up connecting upstream after this long (default: 10)",
+        help=f"give up connecting upstream after this long ({SECONDS_RANGE}; default: 10)",
     )
     parser.add_argument(
         "--idle-timeout", type=_seconds, default=0.0, metavar="SECONDS",
         help="close a connection when no byte moved either way for this long "
-             "(default: never)",
+             f"({SECONDS_RANGE}; default: never)",
     )
     parser.add_argument(
         "--drain-timeout", type=_seconds, default=30.0, metavar="SECONDS",
         help="on SIGTERM/SIGINT stop accepting at once and let open connections finish "
-             "for this long, then close them (default: 30)",
+             f"for this long, then close them ({SECONDS_RANGE}; default: 30)",
     )
     parser.add_argument(
-        "--buffer-size", type=_positive_int, default=512, metavar="KIB",
-        help="relay buffer in KiB: each read is up to this size, and it bounds what the "
-             "proxy holds for a connection whose receiver does not keep up (default: 512)",
+        "--buffer-size", type=_buffer_kib, default=512, metavar="KIB",
+        help=f"relay buffer in KiB, {MIN_BUFFER_KIB}-{MAX_BUFFER_KIB}: each read is up to "
+             "this size, and it bounds what the proxy holds for a connection whose receiver "
+             "does not keep up (default: 512)",
     )
     parser.add_argument(
         "--splice", action=argparse.BooleanOptionalAction, default=False,
@@ -191,14 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: off)",
     )
     parser.add_argument(
-        "--busy-poll", type=_nonnegative_int, default=0, metavar="USEC",
+        "--busy-poll", type=_busy_poll_usec, default=0, metavar="USEC",
         help="after each event, keep polling without sleeping for USEC microseconds: lower "
              "latency for request/response traffic, at the cost of a busy CPU while traffic "
-             "flows (default: 0, off; 50 is a good start)",
+             f"flows (0-{MAX_BUSY_POLL_USEC}; default: 0, off; 50 is a good start)",
     )
     parser.add_argument(
-        "--max-connections", type=_positive_int, default=0, metavar="N",
-        help="above N open connections, new ones are closed at once (default: no limit)",
+        "--max-connections", type=_connections, default=0, metavar="N",
+        help=f"above N open connections, new ones are closed at once (1-{MAX_CONNECTIONS}; "
+             "default: no limit)",
     )
     parser.add_argument(
         "--metrics", type=_typed(parse_hostport), metavar="HOST:PORT",
@@ -243,7 +270,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
-        buffer_size=max(args.buffer_size, 4) * 1024,
+        buffer_size=args.buffer_size * 1024,
         splice=args.splice,
         busy_poll=args.busy_poll / 1e6,
         transparent=args.transparent,
@@ -273,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the proxy until SIGINT/SIGTERM; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGHUP (systemctl reload, logrotate) is never fatal: ignored until the log set-up or
+    # the control plane's loop gives it a meaning, so no moment of the start-up dies of it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.check:
         from mptcpproxy.check import run_check
 

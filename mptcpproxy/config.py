@@ -11,6 +11,27 @@ class ConfigError(ValueError):
     """A configuration value a person must fix; the message is one sentence."""
 
 
+# Bounds of the numeric options: the command line refuses anything outside them, since the
+# engine could not hold it (it keeps times in int64 nanoseconds, sizes in C integers) or it
+# could only be a typo.
+# Timeouts, in seconds: at least 1 ms (a shorter one rounds to 0 ns in the engine, where an
+# idle timeout of 0 means never and a connect timeout of 0 fails every connection), at most
+# a week.
+MIN_SECONDS, MAX_SECONDS = 0.001, 7 * 24 * 3600
+# Relay threads: more than CPUs only adds switching, and each holds a read buffer, an epoll
+# and an eventfd; 256 covers the largest machine one process should drive, and a fixed
+# bound keeps a unit file valid on every host. The default, one per CPU, stays below it.
+MAX_WORKERS = 256
+# Relay buffer, in KiB: the engine's minimum, and 64 MiB (a stalled receiver may make a
+# connection hold twice that).
+MIN_BUFFER_KIB, MAX_BUFFER_KIB = 4, 64 * 1024
+# Busy polling after an event, in microseconds: a CPU spinning longer than a second buys no
+# latency.
+MAX_BUSY_POLL_USEC = 1_000_000
+# Open connections: each needs two fds, and no kernel lets a process open 2e9 of them.
+MAX_CONNECTIONS = 1_000_000_000
+
+
 @dataclass(frozen=True)
 class HostPort:
     host: str
@@ -133,4 +154,4 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0)) or 1
+        return self.workers or min(len(os.sched_getaffinity(0)) or 1, MAX_WORKERS)

@@ -1,17 +1,32 @@
 """Connecting upstream: a non-blocking connect() driven by loop callbacks, with no task
 per connection (a task and a wait_for cost more than the whole relay hand-off), every
-address of the target tried in turn within one timeout."""
+address of the target tried in turn within one timeout. Out of fds, an attempt waits and
+tries again instead of failing its client."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import socket
 from collections.abc import Callable, Iterator
 
 from mptcpproxy import sockets
 from mptcpproxy.config import HostPort
+
+# errno of a call that failed for want of fds or memory: the same call may work a moment later
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+RETRY_DELAY = 0.1  # seconds an attempt starved of fds waits before it tries again
+
+# A target resolved by the caller: its (family, sockaddr) list, or the error resolving it.
+Resolved = list[tuple[int, tuple]] | OSError
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    # A resolver starved of fds raises OSError(EMFILE), not a gaierror (EAI_SYSTEM).
+    return (isinstance(exc, OSError) and not isinstance(exc, socket.gaierror)
+            and exc.errno in OUT_OF_RESOURCES)
 
 
 async def resolve(loop: asyncio.AbstractEventLoop, target: HostPort) -> list[tuple[int, tuple]]:
@@ -32,12 +47,15 @@ class Attempt:
 
     Exactly one of `on_done(attempt)` (then `upstream` and `sockaddr` are set and the
     caller owns both sockets) or `on_fail(attempt, exc)` (both sockets already closed) is
-    called, unless `cancel()` comes first.
+    called, unless `cancel()` comes first. When resolving or opening the upstream socket
+    fails for want of fds or memory, `on_starved(attempt, exc)` is called (if given) and the
+    attempt holds its client and tries again after RETRY_DELAY, within the same timeout.
     """
 
     __slots__ = (
         "loop", "conn_id", "client", "addr", "target", "mptcp", "mark", "on_done", "on_fail",
-        "upstream", "sockaddr", "_addresses", "_timer", "_task", "_error", "_writing",
+        "on_starved", "upstream", "sockaddr", "_addresses", "_timer", "_task", "_retry",
+        "_error", "_writing",
     )
 
     def __init__(
@@ -51,42 +69,74 @@ class Attempt:
         mark: int | None,
         on_done: Callable[[Attempt], None],
         on_fail: Callable[[Attempt, BaseException], None],
+        on_starved: Callable[[Attempt, OSError], None] | None = None,
     ) -> None:
         self.loop, self.conn_id, self.client, self.addr = loop, conn_id, client, addr
         self.target, self.mptcp, self.mark = target, mptcp, mark
-        self.on_done, self.on_fail = on_done, on_fail
+        self.on_done, self.on_fail, self.on_starved = on_done, on_fail, on_starved
         self.upstream: socket.socket | None = None
         self.sockaddr: tuple = ()
         self._addresses: Iterator[tuple[int, tuple]] = iter(())
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
+        self._retry: asyncio.TimerHandle | None = None
         self._error: BaseException = OSError(errno.EHOSTUNREACH, "no address to connect to")
         self._writing = False
 
-    def start(self, timeout: float) -> None:
+    @property
+    def starved(self) -> bool:
+        """Waiting for an fd (or memory) to resolve or connect with."""
+        return self._retry is not None
+
+    def start(self, timeout: float, resolved: Resolved | None = None) -> None:
+        """Connect within `timeout` seconds; `resolved`: the target's addresses (or the
+        error resolving it) when the caller resolved it already."""
         self._timer = self.loop.call_later(timeout, self._timed_out)
-        if self.target.is_literal:
+        if isinstance(resolved, OSError):
+            self._fail(resolved)
+        elif resolved is not None:
+            self._addresses = iter(resolved)
+            self._next()
+        elif self.target.is_literal:
             self._addresses = iter((literal(self.target),))
             self._next()
         else:
-            self._task = self.loop.create_task(self._resolve())
+            self._start_resolving()
+
+    def _start_resolving(self) -> None:
+        self._retry = None
+        self._task = self.loop.create_task(self._resolve())
 
     async def _resolve(self) -> None:
         try:
             addresses = await resolve(self.loop, self.target)
         except OSError as exc:
             self._task = None
-            self._fail(exc)
+            if not self._starved(exc, self._start_resolving):
+                self._fail(exc)
             return
         self._task = None
         self._addresses = iter(addresses)
         self._next()
 
+    def _starved(self, exc: OSError, again: Callable[[], None]) -> bool:
+        # Out of fds: keep the client (a closed one would be a failed connection, a waiting
+        # one is only late) and call `again` in a moment.
+        if self.on_starved is None or not out_of_resources(exc):
+            return False
+        self._retry = self.loop.call_later(RETRY_DELAY, again)
+        self.on_starved(self, exc)
+        return True
+
     def _next(self) -> None:
+        self._retry = None
         for family, sockaddr in self._addresses:
             try:
                 sock = sockets.stream_socket(family, self.mptcp, self.mark)
             except OSError as exc:
+                if self._starved(exc, self._next):  # this address again, then the rest
+                    self._addresses = itertools.chain(((family, sockaddr),), self._addresses)
+                    return
                 self._error = exc
                 continue
             err = sock.connect_ex(sockaddr)
@@ -136,6 +186,9 @@ class Attempt:
             self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self.upstream is not None:
             self._stop_writing()
             self.upstream.close()

@@ -10,11 +10,11 @@ import logging
 import os
 import signal
 import socket
-import time
 
-from mptcpproxy import check, connlog, origdst, sockets
-from mptcpproxy.config import Config, HostPort
-from mptcpproxy.connect import Attempt, literal, resolve
+from mptcpproxy import check, connlog, logsetup, origdst, sockets
+from mptcpproxy.accepting import Accepting
+from mptcpproxy.config import Config
+from mptcpproxy.connect import OUT_OF_RESOURCES, Attempt, literal, resolve
 from mptcpproxy.connlog import Conn, reason
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay
@@ -23,16 +23,15 @@ from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")
 
-ACCEPT_BATCH = 64  # accepts per wake-up, so set-up tasks get the loop in between
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 class StartupError(Exception):
     """The proxy cannot start; the message is one sentence for a person."""
 
 
-class Proxy:
+class Proxy(Accepting):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.relay: Relay | None = None
@@ -43,6 +42,8 @@ class Proxy:
         self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
         self.stopping: asyncio.Event | None = None
         self._last_warning: dict[str, float] = {}
+        self._accept_paused = False  # out of fds: the listener is left alone for a moment
+        self._resolving: asyncio.Task | None = None  # -r's name, before a batch is accepted
         self.metrics = Metrics(
             active=lambda: len(self.connecting) + (self.relay.active if self.relay else 0),
             worker_stats=lambda: self.relay.stats() if self.relay else [],
@@ -79,15 +80,13 @@ class Proxy:
             )
         except OSError as exc:
             raise StartupError(self._listen_error(exc)) from None
-        self.relay = Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
-                           cfg.busy_poll)
+        self.relay = self._start_relay()
         if cfg.metrics is not None:
             try:
                 self.metrics_server = await start_metrics_server(
                     self.metrics, cfg.metrics.host, cfg.metrics.port)
             except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {cfg.metrics}: "
-                                   f"{os.strerror(exc.errno or 0).lower()}") from None
+                raise StartupError(self._metrics_error(exc)) from None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.relay.notify_fd, self._on_results)
         # A fixed upstream address needs no decision per connection: the relay workers
@@ -104,6 +103,7 @@ class Proxy:
         self.stopping = asyncio.Event()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         name = sockets.peer_name(self.listener.getsockname())
         log.info(
             "listening on %s (%s), forwarding to %s over %s; %d relay worker(s), %s engine",
@@ -119,6 +119,15 @@ class Proxy:
             self.hurry = True
             log.info("second stop signal: closing the open connections now")
         self.stopping.set()
+
+    def _on_hangup(self) -> None:
+        # systemctl reload and logrotate's postrotate: never fatal (DESIGN.md, Operations).
+        reopened = logsetup.reopen_log_files()
+        if reopened:
+            log.info("SIGHUP: reopened the log file %s", ", ".join(reopened))
+        else:
+            log.info("SIGHUP: no log file to reopen; configuration reload is not supported "
+                     "yet; ignored")
 
     def _start_transparent(self) -> None:
         from mptcpproxy import conntrack, firewall
@@ -143,6 +152,18 @@ class Proxy:
             if why:
                 raise StartupError(why)
 
+    def _start_relay(self) -> Relay:
+        cfg = self.config
+        try:
+            return Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
+                         cfg.busy_poll)
+        except (MemoryError, OSError, RuntimeError) as exc:  # RuntimeError: no new thread
+            why = "out of memory" if isinstance(exc, MemoryError) else reason(exc)
+            raise StartupError(
+                f"cannot start {cfg.worker_count} relay workers with {cfg.buffer_size >> 10} "
+                f"KiB buffers ({why}): use fewer --workers or a smaller --buffer-size"
+            ) from None
+
     def _listen_error(self, exc: OSError) -> str:
         cfg = self.config
         where = f"port {cfg.port}" + (f" on {cfg.bind}" if cfg.bind else "")
@@ -159,108 +180,18 @@ class Proxy:
             return sockets.mptcp_refusal(exc.errno)
         return f"cannot listen on {where}: {os.strerror(exc.errno or 0)}"
 
-    # -- accept ---------------------------------------------------------------------------
-
-    def _on_accept(self) -> None:
-        assert self.listener is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, addr = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.metrics.accept_error()
-                if exc.errno in OUT_OF_RESOURCES:
-                    self._pause_accept(exc)
-                elif exc.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
-                    self._warn_once("accept", "accept failed: %s", os.strerror(exc.errno or 0))
-                return
-            self.metrics.connection_accepted()
-            limit = self.config.max_connections
-            if limit and self.relay.active + len(self.connecting) >= limit:
-                self.metrics.connection_rejected()
-                self._warn_once(
-                    "limit", "%d connections open (--max-connections): closing new ones", limit
-                )
-                conn.close()
-                continue
-            conn.setblocking(False)
-            self._begin(conn, addr)
-
-    def _pause_accept(self, exc: OSError) -> None:
-        # Out of fds: stop polling the listener for a moment instead of spinning on it.
-        self._warn_once(
-            "accept-fds", "cannot accept: %s; pausing accepts for 100 ms",
-            os.strerror(exc.errno or 0),
-        )
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.listener.fileno())
-        loop.call_later(0.1, self._resume_accept)
-
-    def _resume_accept(self) -> None:
-        if self.listener is not None and not self.stopping.is_set():
-            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_accept)
-
-    def _warn_once(self, key: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(key, 0.0) >= 1.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
-
-    # -- connection set-up ----------------------------------------------------------------
-
-    def target_for(self, client: socket.socket) -> HostPort:
-        """Where to connect for this client: -r, or its original destination (-t)."""
-        if self.transparent is None:
-            return self.config.remote
-        return self.transparent.target_for(client)
-
-    def _begin(self, client: socket.socket, addr: tuple) -> None:
-        conn_id = self.relay.new_id()
-        try:
-            target = self.target_for(client)
-        except (origdst.Refused, OSError) as exc:  # OSError: the lookup itself failed
-            self.metrics.connect_failed("other")
-            log.warning("conn %d from %s: refused: %s", conn_id, sockets.peer_name(addr),
-                        f"no original destination ({reason(exc)})"
-                        if isinstance(exc, OSError) else exc)
-            client.close()
-            return
-        cfg = self.config
-        attempt = Attempt(
-            asyncio.get_running_loop(), conn_id, client, addr, target, cfg.upstream_mptcp,
-            cfg.mark, self._on_connected, self._on_connect_failed,
-        )
-        self.connecting.add(attempt)
-        attempt.start(cfg.connect_timeout)
-
-    def _on_connect_failed(self, attempt: Attempt, exc: BaseException) -> None:
-        self.connecting.discard(attempt)
-        self.metrics.connect_failed(connect_failure_reason(exc))
-        log.warning(
-            "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            attempt.conn_id, sockets.peer_name(attempt.addr), attempt.target, reason(exc),
-        )
-
-    def _on_connected(self, attempt: Attempt) -> None:
-        self.connecting.discard(attempt)  # before the relay counts it: never counted twice
-        client, upstream = attempt.client, attempt.upstream
-        sockets.set_nodelay(client)
-        sockets.set_nodelay(upstream)
-        cfg = self.config
-        conn_id = attempt.conn_id
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("conn %d: %s -> %s established", conn_id,
-                      sockets.peer_name(attempt.addr), sockets.peer_name(attempt.sockaddr))
-        mptcp_leg = not cfg.disable_mptcp
-        self.conns[conn_id] = Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
-        fd_client, fd_up = client.detach(), upstream.detach()
-        mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
-        self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
+    def _metrics_error(self, exc: OSError) -> str:
+        where = self.config.metrics
+        if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code, not for strerror
+            return (f"cannot serve metrics on {where}: cannot resolve the name '{where.host}' "
+                    f"({exc.strerror}): check the name or give an IP address")
+        return f"cannot serve metrics on {where}: {os.strerror(exc.errno or 0).lower()}"
 
     # -- results --------------------------------------------------------------------------
 
     def _on_results(self) -> None:
+        # Every collect goes through here, the drain's last one too: a connect failure is
+        # never reported as a closed connection, an accept error never dropped.
         for result in self.relay.collect():
             if result.reason == FAILED:
                 self._log_failed(result)
@@ -298,7 +229,14 @@ class Proxy:
     # -- stop -----------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+            await self._until_stopped()
+            await self.drain()
+        finally:
+            _ignore_signals(asyncio.get_running_loop())
+
+    async def _until_stopped(self) -> None:
         try:
             if self.firewall is not None:
                 try:
@@ -311,23 +249,13 @@ class Proxy:
             if self.firewall is not None:
                 # before the drain: new connections then flow as if the proxy were not there
                 self.firewall.restore_firewall()
-        await self.drain()
 
     async def drain(self) -> None:
         """Stop accepting at once; let open pairs finish for drain_timeout, then abort them."""
         loop = asyncio.get_running_loop()
         sd_notify("STOPPING=1")
-        if self.listener is not None:
-            if self.fast:
-                # The workers take the listener out of their epoll sets before it is closed.
-                self.relay.unlisten()
-                deadline = loop.time() + 2.0
-                while self.relay.listening and loop.time() < deadline:
-                    await asyncio.sleep(0.002)
-            else:
-                loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
+        self.stopping.set()
+        await self._stop_accepting(loop)
         for attempt in list(self.connecting):
             attempt.cancel()
         self.connecting.clear()
@@ -338,22 +266,48 @@ class Proxy:
         while self.relay.active and loop.time() < deadline and not self.hurry:
             await asyncio.sleep(0.05)
         loop.remove_reader(self.relay.notify_fd)
-        self.relay.close()
-        for result in self.relay.collect():
-            self._log_result(result)
+        self.relay.close()  # which also takes the listener out of every worker's epoll set
+        self._on_results()
+        self._close_listener()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        _ignore_stop_signals(loop)
         log.info("stopped")
 
+    async def _stop_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The listener is the control plane's: it is closed only once no worker polls it
+        # (DESIGN.md, ownership), else its fd number could be reused under a worker's epoll.
+        if self.listener is None:
+            return
+        if not self.fast:
+            loop.remove_reader(self.listener.fileno())
+            if self._resolving is not None:
+                self._resolving.cancel()
+            self._close_listener()
+            return
+        self.relay.unlisten()
+        deadline = loop.time() + 2.0
+        while self.relay.listening and loop.time() < deadline:
+            await asyncio.sleep(0.002)
+        if self.relay.listening:
+            log.warning("a relay worker still polls the listener: it is closed once the "
+                        "relay has stopped")
+            return
+        self._close_listener()
 
-def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
-    # Stopped cleanly: a late SIGTERM (systemd signals the whole cgroup, a supervisor may
-    # repeat itself) must not turn exit 0 into death by signal. Blocked while the loop's
-    # handlers go (which restores SIG_DFL), then ignored, which also drops a pending one.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+
+def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
+    # Stopped (or failed to start): a late SIGTERM (systemd signals the whole cgroup, a
+    # supervisor may repeat itself) or SIGHUP must not turn the exit code into death by
+    # signal, neither here nor when the loop closes. Blocked while the loop's handlers go
+    # (which restores SIG_DFL), then ignored, which also drops a pending one.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
-        for sig in STOP_SIGNALS:
+        for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
     finally:
@@ -380,8 +334,8 @@ def run(config: Config) -> int:
     try:
         _run_loop(proxy.serve())
     finally:
-        if proxy.listener is not None:
-            proxy.listener.close()
+        # The relay first: closing it takes the listener out of every worker's epoll set.
         if proxy.relay is not None:
             proxy.relay.close()
+        proxy._close_listener()
     return 0

@@ -93,11 +93,15 @@ def _on_sighup(signum: int, frame: FrameType | None) -> None:
             handler.request_reopen()
 
 
-def reopen_log_files() -> None:
-    """Reopen the log file now; for a control plane that handles SIGHUP itself."""
+def reopen_log_files() -> list[str]:
+    """Reopen the log file now; for a control plane that handles SIGHUP itself. Returns
+    the paths of the files reopened (none when logging goes to stderr)."""
+    paths = []
     for handler in list(_installed):
         if isinstance(handler, ReopenableFileHandler):
             handler.reopen()
+            paths.append(handler.baseFilename)
+    return paths
 
 
 def setup_logging(level: int = logging.INFO, log_file: str | None = None,
@@ -127,6 +131,6 @@ def setup_logging(level: int = logging.INFO, log_file: str | None = None,
     root.addHandler(handler)
     root.setLevel(level)
     if log_file:
-        # Without a handler SIGHUP would kill the daemon; with one it means "reopen".
+        # Until the control plane's loop takes SIGHUP over, it means "reopen" here.
         signal.signal(signal.SIGHUP, _on_sighup)
     return handler

@@ -84,6 +84,11 @@ class Metrics:
         """An accepted connection dropped because its upstream could not be reached."""
         self.connect_failures[reason if reason in CONNECT_FAILURES else "other"] += 1
 
+    def relay_refused(self) -> None:
+        """A connection set up at both ends that Relay.add() could not take: it ends as an
+        error, before any byte."""
+        self.closed[ERROR] += 1
+
     def connection_closed(self, result: Result, mptcp_leg: bool) -> None:
         """A relayed pair ended; the client socket was Relay.add()'s fd_a. `mptcp_leg`: one
         leg was meant to be MPTCP (add()'s mptcp_fd was not -1)."""
@@ -166,7 +171,8 @@ class Metrics:
         active, stats = live
         if active is not None:
             family("mptcpproxy_connections_active", "gauge",
-                   "Connections open now: connecting upstream or relayed.", [("", active)])
+                   "Connections open now: connecting upstream or relayed.",
+                   [("", _count(active))])
         if not stats:
             return
         for name, kind, field, help_ in (
@@ -177,8 +183,14 @@ class Metrics:
             ("mptcpproxy_worker_bytes_total", "counter", "bytes", "Bytes a relay worker "
              "moved, both directions, live."),
         ):
-            family(name, kind, help_, [(_labels(worker=str(i)), getattr(s, field))
+            family(name, kind, help_, [(_labels(worker=str(i)), _count(getattr(s, field)))
                                        for i, s in enumerate(stats)])
+
+
+def _count(value: int) -> int:
+    # A count read while the relay updates it may come out negative, or wrapped around as
+    # an unsigned 64-bit number (18446744073709551615 for -1): no count is that large.
+    return value if 0 <= value < 2**63 else 0
 
 
 def _keys(known: Iterable[str], seen: Counter[str]) -> list[str]:

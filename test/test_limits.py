@@ -30,6 +30,7 @@ CLIENT_METRICS, SERVER_METRICS = 9541, 9542
 WAIT = 10.0  # bound of every wait for something the proxies do on their own
 
 
+
 # -- helpers ------------------------------------------------------------------------------
 
 def scrape(host, port: int) -> dict:
@@ -295,16 +296,30 @@ def test_drain_timeout_cuts_a_long_transfer(testbed, side):
     assert ends(proxy) == ["aborted"], proxy.stderr
 
 
-def test_out_of_fds_pauses_accepting_then_serves_again(testbed):
+ENGINE_CLOSES = pytest.mark.xfail(
+    reason="the engine's fast path: with one fd left it accepts a client, has no fd for its "
+           "upstream and closes it, again after every 100 ms pause", strict=False)
+
+
+# Both parities of the limit: with an even number of fds free, accept() is what fails; with
+# an odd one, accept() succeeds and the upstream socket() is what fails.
+@pytest.mark.parametrize(("path", "nofile"), [
+    ("fast", 48), pytest.param("fast", 49, marks=ENGINE_CLOSES), ("control", 48),
+    ("control", 49), ("hostname", 48), ("hostname", 49)])
+def test_out_of_fds_pauses_accepting_then_serves_again(testbed, path, nofile):
     # Run out of file descriptors: the connections the proxy holds go on working, the
-    # ones beyond wait in the listen backlog, the warning comes at most once a second, and
-    # once fds are free again every waiting and new client is served.
+    # ones beyond wait (in the listen backlog, or accepted and held until an fd is free),
+    # the warning comes at most once a second, and once fds are free again every waiting
+    # and new client is served. The relay workers accept themselves on the fast path; with
+    # a limit, or a name to resolve, the control plane accepts and connects.
     host = testbed.host("lo")
     svc = host.start([sys.executable, PEERS, "echo", str(SERVICE)], name="service")
     host.wait_listening(SERVICE, proc=svc)
-    proxy = host.start(["prlimit", "--nofile=48:48", sys.executable, "-m", "mptcpproxy",
-                        "-m", "client", "-p", str(CLIENT), "-r", f"127.0.0.1:{SERVICE}",
-                        "--disable-mptcp"], name="proxy-nofile")
+    remote = f"localhost:{SERVICE}" if path == "hostname" else f"127.0.0.1:{SERVICE}"
+    extra = ("--max-connections", "1000") if path == "control" else ()
+    proxy = host.start(["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-m",
+                        "mptcpproxy", "-m", "client", "-p", str(CLIENT), "-r", remote,
+                        "--disable-mptcp", *extra], name="proxy-nofile")
     host.wait_listening(CLIENT, proc=proxy)
     started = time.monotonic()
     socks = [host.connect(("127.0.0.1", CLIENT)) for _ in range(30)]
@@ -325,13 +340,13 @@ def test_out_of_fds_pauses_accepting_then_serves_again(testbed):
             sock.close()
         for sock in waiting:
             sock.settimeout(WAIT)
-            assert sock.recv(1) == b"x"
+            assert sock.recv(1) == b"x", proxy.stderr[-2000:]
     finally:
         for sock in socks:
             sock.close()
     with host.connect(("127.0.0.1", CLIENT)) as late:
         late.settimeout(WAIT)
         assert exchange(late, b"late") == b"late"
-    warnings = proxy.stderr.count("cannot accept: Too many open files")
+    warnings = proxy.stderr.lower().count("too many open files")
     assert 1 <= warnings <= time.monotonic() - started + 2, proxy.stderr[-2000:]
     stop_cleanly(proxy)

@@ -117,6 +117,17 @@ def test_worker_stats_failure_does_not_break_the_scrape(caplog: pytest.LogCaptur
     assert "cannot read the live connection counts" in caplog.text
 
 
+@pytest.mark.parametrize("active", [-1, 2**64 - 1, 2**63], ids=["negative", "wrapped", "2^63"])
+def test_active_gauges_never_show_a_negative_or_wrapped_count(active: int) -> None:
+    # A count read while the relay's counters are being updated (issue 11, item 6): the
+    # gauge says 0 rather than -1 or 18446744073709551615.
+    got = samples(Metrics(active=lambda: active,
+                          worker_stats=lambda: [WorkerStats(active, 5, 10)]).render())
+    assert got[("mptcpproxy_connections_active", ())] == 0
+    assert got[("mptcpproxy_worker_active_pairs", (("worker", "0"),))] == 0
+    assert got[("mptcpproxy_worker_pairs_total", (("worker", "0"),))] == 5
+
+
 @pytest.mark.parametrize("exc, reason", [
     (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "resolve"),
     (TimeoutError(), "timeout"),
