@@ -25,6 +25,20 @@ cdef enum:
     MAX_TAGS = 1024  # listener tags (the control plane's listener index): 0 .. MAX_TAGS-1
 
 
+cdef struct ListenCfg:
+    # What a worker does with the clients of one listener: connect each to this upstream.
+    c.sockaddr_storage up_addr
+    c.socklen_t up_len
+    int up_family
+    int up_proto
+    int up_mptcp_side
+    unsigned int mark
+    uint32_t tag
+    int64_t connect_ns
+    int64_t idle_ns
+    int splice
+
+
 cdef struct Side:
     int fd
     int readable  # edge-triggered: set by an event, cleared by EAGAIN or a short read
@@ -67,6 +81,7 @@ cdef struct Pair:
     int dead
     int queued  # on the worker's ready list
     int connecting  # accepted by the worker, upstream connect() under way
+    ListenCfg *held  # no fd for the upstream yet: the upstream to open (scan retries)
     int client_family  # set for pairs the worker accepted itself
     uint16_t client_port
     uint8_t client_addr[16]
@@ -88,20 +103,6 @@ cdef struct Done:
     int client_family
     uint16_t client_port
     uint8_t client_addr[16]
-
-
-cdef struct ListenCfg:
-    # What a worker does with the clients of one listener: connect each to this upstream.
-    c.sockaddr_storage up_addr
-    c.socklen_t up_len
-    int up_family
-    int up_proto
-    int up_mptcp_side
-    unsigned int mark
-    uint32_t tag
-    int64_t connect_ns
-    int64_t idle_ns
-    int splice
 
 
 cdef struct Listener:
@@ -155,6 +156,7 @@ cdef struct WorkerState:
     # accept + connect in the worker (Relay.listen): the fast path for a fixed upstream
     Listener listeners[MAX_LISTENERS]
     int nlisteners  # slots in use at most (the highest used index + 1)
+    int nheld  # accepted clients waiting for an fd for their upstream (no accepting then)
     int paused  # a wanted listener is out of the epoll set for now (out of fds)
     uint64_t accepted
     uint64_t accept_errors

@@ -106,6 +106,7 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
         # (a FIN would tell the receiver of undelivered bytes that it had them all).
         set_rst(p.side[0].fd)
         set_rst(p.side[1].fd)
+    release_held(w, p)
     for i in range(2):
         if p.side[i].fd >= 0:
             # Out of the epoll set before close(): the open file can outlive this fd (a dup,
@@ -231,7 +232,9 @@ cdef void scan(WorkerState *w) noexcept nogil:
     cdef Pair *nxt
     while p != NULL:
         nxt = p.next
-        if p.connecting:
+        if p.held != NULL:
+            retry_held(w, p)
+        elif p.connecting:
             if w.now - p.start_ns >= p.connect_ns:
                 finish(w, p, R_FAILED, c.ETIMEDOUT)
         elif p.idle_ns > 0 and w.now - p.last_ns >= p.idle_ns:

@@ -77,11 +77,13 @@ cdef void keep_client_address(Pair *p, c.sockaddr_storage *ss) noexcept nogil:
 cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
     cdef c.sockaddr_storage ss
     cdef c.socklen_t sslen
-    cdef int cfd, ufd, err, i, rc
-    cdef int one = 1
+    cdef int cfd, err, i, rc
     cdef Pair *p
     cdef ListenCfg *cfg = &l.cfg
     for i in range(ACCEPT_BATCH):
+        if w.nheld > 0:  # the fds that come free go to the clients already held first
+            pause_accepting(w, l)
+            return
         sslen = sizeof(ss)
         cfd = c.accept4(l.fd, <c.sockaddr *>&ss, &sslen, c.SOCK_NONBLOCK | c.SOCK_CLOEXEC)
         if cfd < 0:
@@ -119,29 +121,66 @@ cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
         if w.pairs != NULL:
             w.pairs.prev = p
         w.pairs = p
-        ufd = c.socket(cfg.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
-                       cfg.up_proto)
-        if ufd < 0:
-            err = c.errno
-            finish(w, p, R_FAILED, err)
-            if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
-                # No fd for the upstream: accept no more clients we cannot serve for now.
-                pause_accepting(w, l)
-                return
-            continue
-        p.side[1].fd = ufd
-        if cfg.mark:
-            c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &cfg.mark, sizeof(cfg.mark))
-        # A relay must not add Nagle's delay on top of the application's own choice (the
-        # client's socket has TCP_NODELAY from the listener, see Relay.listen).
-        c.setsockopt(ufd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
-        rc = c.connect(ufd, <c.sockaddr *>&cfg.up_addr, cfg.up_len)
+        rc = connect_upstream(w, p, cfg)
+        if rc == 1:
+            # No fd for the upstream: the client is held (scan() tries again) and no other
+            # is accepted until it has one; clients beyond wait in the backlog.
+            p.held = <ListenCfg *>malloc(sizeof(ListenCfg))
+            if p.held == NULL:
+                finish(w, p, R_FAILED, c.ENOMEM)
+            else:
+                p.held[0] = cfg[0]
+                p.connecting = 1  # for a stop meanwhile: a connect cut short
+                w.nheld += 1
+            pause_accepting(w, l)
+            return
+
+
+cdef int connect_upstream(WorkerState *w, Pair *p, ListenCfg *cfg) noexcept nogil:
+    # Open the upstream socket and start connecting: 0 under way (or failed: the pair is
+    # finished), 1 when there is no fd or memory for the socket (the pair is untouched).
+    cdef int ufd, err, rc
+    cdef int one = 1
+    ufd = c.socket(cfg.up_family, c.SOCK_STREAM | c.SOCK_NONBLOCK | c.SOCK_CLOEXEC,
+                   cfg.up_proto)
+    if ufd < 0:
         err = c.errno
-        if rc != 0 and err != c.EINPROGRESS:
-            finish(w, p, R_FAILED, err)
-            continue
-        p.connecting = 1  # even when connect() is done already: EPOLLOUT follows at once
-        register(w, p)
+        if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
+            return 1
+        finish(w, p, R_FAILED, err)
+        return 0
+    p.side[1].fd = ufd
+    if cfg.mark:
+        c.setsockopt(ufd, c.SOL_SOCKET, c.SO_MARK, &cfg.mark, sizeof(cfg.mark))
+    # A relay must not add Nagle's delay on top of the application's own choice (the
+    # client's socket has TCP_NODELAY from the listener, see Relay.listen).
+    c.setsockopt(ufd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
+    rc = c.connect(ufd, <c.sockaddr *>&cfg.up_addr, cfg.up_len)
+    err = c.errno
+    if rc != 0 and err != c.EINPROGRESS:
+        finish(w, p, R_FAILED, err)
+        return 0
+    p.connecting = 1  # even when connect() is done already: EPOLLOUT follows at once
+    register(w, p)
+    return 0
+
+
+cdef void retry_held(WorkerState *w, Pair *p) noexcept nogil:
+    # A held client (no fd for its upstream when accepted): try again, within its
+    # connect timeout.
+    cdef ListenCfg *cfg = p.held
+    if w.now - p.start_ns >= p.connect_ns:
+        finish(w, p, R_FAILED, c.ETIMEDOUT)
+        return
+    if connect_upstream(w, p, cfg) == 0:
+        release_held(w, p)
+
+
+cdef void release_held(WorkerState *w, Pair *p) noexcept nogil:
+    if p.held != NULL:
+        free(p.held)
+        p.held = NULL
+        w.nheld -= 1
 
 
 cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept nogil:

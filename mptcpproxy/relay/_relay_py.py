@@ -64,6 +64,7 @@ class _Worker(Pump, Accept):
         self.notify_pending, self.last_notify = False, 0.0
         self.listeners: dict[int, _Listen] = {}  # Relay.listen: accept here too
         self.paused = False  # a wanted listener is out of the epoll set for now
+        self.held: set[_Pair] = set()  # accepted clients waiting for an fd for their upstream
         self.open_by_tag: dict[int, int] = {}  # pairs open per listener tag
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay-py", daemon=True)
@@ -166,7 +167,7 @@ class _Worker(Pump, Accept):
                 os.eventfd_write(self.notify_fd, 1)
             if self.stopping:
                 self._take_incoming(now)
-                for pair, _ in list(self.pairs.values()):
+                for pair in [*self.held, *(p for p, _ in self.pairs.values())]:
                     # a pair whose upstream never answered: a connect that was cut short
                     self._finish(pair, *((FAILED, E.ECANCELED) if pair.connecting
                                          else (ABORTED, 0)))
@@ -178,6 +179,8 @@ class _Worker(Pump, Accept):
     def _scan(self, now: float) -> None:
         # Idle timeouts, and the MPTCP status of busy pairs once a second: subflows come
         # and go during a connection, and after a reset the kernel has already dropped them.
+        for pair in list(self.held):
+            self._retry_held(pair, now)
         for pair, i in list(self.pairs.values()):
             if i == 1 or pair.dead:
                 continue
@@ -217,6 +220,7 @@ class _Worker(Pump, Accept):
     def _finish(self, pair: _Pair, reason: str, err: int) -> None:
         if pair.dead:
             return
+        self._release_held(pair)
         if reason == FAILED:
             pair.is_mptcp, pair.subflows = False, 0  # never connected: no MPTCP status
         else:

@@ -59,6 +59,7 @@ class Accept:
 
     lock: threading.Lock
     listeners: dict[int, _Listen]  # fd -> entry
+    held: set[_Pair]  # accepted clients waiting for an fd for their upstream
 
     # -- the control thread's side (under the lock) ---------------------------------------
 
@@ -116,6 +117,9 @@ class Accept:
     def _accept_some(self, entry: _Listen, now: float) -> None:
         cfg = entry.cfg
         for _ in range(ACCEPT_BATCH):
+            if self.held:  # the fds that come free go to the clients already held first
+                self._pause_accepting(entry, now)
+                return
             try:
                 client, addr = entry.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -133,29 +137,53 @@ class Accept:
             with self.lock:
                 self.total += 1
             self.count_open(pair.tag, 1)
-            try:
-                up = socket.socket(cfg.family, socket.SOCK_STREAM, cfg.proto)
-            except OSError as exc:
-                self._finish(pair, FAILED, exc.errno or 0)
-                if exc.errno in OUT_OF_RESOURCES:  # accept no more clients we cannot serve
-                    self._pause_accepting(entry, now)
-                    return
-                continue
-            pair.socks[1] = up
-            try:
-                up.setblocking(False)
-                if cfg.mark:  # as the compiled engine: a refused mark is not fatal here
-                    try_setsockopt(up, socket.SOL_SOCKET, socket.SO_MARK, cfg.mark)
-                # No Nagle delay added by the relay (the client has it from the listener).
-                try_setsockopt(up, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                err = up.connect_ex(cfg.sockaddr)
-            except OSError as exc:
-                err = exc.errno or E.EINVAL
-            if err not in (0, E.EINPROGRESS):
-                self._finish(pair, FAILED, err)
-                continue
-            pair.connecting = True  # even when done already: EPOLLOUT follows at once
-            self._register(pair, now)
+            if self._connect_upstream(pair, cfg, now):
+                # No fd for the upstream: the client is held (the scan tries again) and no
+                # other is accepted until it has one; clients beyond wait in the backlog.
+                pair.held, pair.connecting = cfg, True
+                self.held.add(pair)
+                self._pause_accepting(entry, now)
+                return
+
+    def _connect_upstream(self, pair: _Pair, cfg: ListenCfg, now: float) -> bool:
+        """Open the upstream socket and start connecting (or finish the pair as failed);
+        True when there is no fd or memory for the socket (the pair is untouched)."""
+        try:
+            up = socket.socket(cfg.family, socket.SOCK_STREAM, cfg.proto)
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                return True
+            self._finish(pair, FAILED, exc.errno or 0)
+            return False
+        pair.socks[1] = up
+        try:
+            up.setblocking(False)
+            if cfg.mark:  # as the compiled engine: a refused mark is not fatal here
+                try_setsockopt(up, socket.SOL_SOCKET, socket.SO_MARK, cfg.mark)
+            # No Nagle delay added by the relay (the client has it from the listener).
+            try_setsockopt(up, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = up.connect_ex(cfg.sockaddr)
+        except OSError as exc:
+            err = exc.errno or E.EINVAL
+        if err not in (0, E.EINPROGRESS):
+            self._finish(pair, FAILED, err)
+            return False
+        pair.connecting = True  # even when done already: EPOLLOUT follows at once
+        self._register(pair, now)
+        return False
+
+    def _retry_held(self, pair: _Pair, now: float) -> None:
+        """A held client (no fd for its upstream when accepted): try again, within its
+        connect timeout."""
+        if now - pair.start >= pair.connect_timeout:
+            self._finish(pair, FAILED, E.ETIMEDOUT)
+        elif not self._connect_upstream(pair, pair.held, now):
+            self._release_held(pair)
+
+    def _release_held(self, pair: _Pair) -> None:
+        if pair.held is not None:
+            pair.held = None
+            self.held.discard(pair)
 
     def _connect_pending(self, pair: _Pair, i: int, ev: int) -> bool:
         # True while nothing may move yet (the client's readiness is kept for later).

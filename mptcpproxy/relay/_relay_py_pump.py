@@ -50,7 +50,7 @@ class _Pair:
         "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
         "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
         "connecting", "client", "splicing", "pipe", "inpipe", "tag", "idle", "splice",
-        "connect_timeout",
+        "connect_timeout", "held",
     )
 
     def __init__(self, socks: list, conn_id: int, mptcp_side: int,
@@ -61,6 +61,7 @@ class _Pair:
         self.idle = idle  # close after this long without a byte moving (0: never)
         self.splice = splice  # halves that move bulk splice through a pipe
         self.connect_timeout = connect_timeout  # accepted pairs: give up connecting then
+        self.held = None  # no fd for the upstream yet: its ListenCfg (the scan retries)
         self.connecting = False  # accepted by the worker, upstream connect() under way
         self.client = client
         self.readable = [False, False]
