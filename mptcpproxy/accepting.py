@@ -35,10 +35,20 @@ log = logging.getLogger("mptcpproxy")
 ACCEPT_BATCH = 64  # accepts per wake-up, so set-up tasks get the loop in between
 
 
+def warn_once(last: dict[str, float], key: str, msg: str, *args) -> None:
+    """log.warning, at most once a second for each key (`last` keeps the times)."""
+    now = time.monotonic()
+    if now - last.get(key, 0.0) >= 1.0:
+        last[key] = now
+        log.warning(msg, *args)
+
+
 class Accepting:
-    """The accept path of control.Proxy, which owns the state used here."""
+    """The accept path of listener.Listener, which owns the state used here."""
 
     config: Config
+    tag: int
+    open_count: int
     relay: object  # mptcpproxy.relay.Relay
     listener: socket.socket | None
     conns: dict[int, Conn]
@@ -96,7 +106,7 @@ class Accepting:
                 return
             self.metrics.connection_accepted()
             limit = self.config.max_connections
-            if limit and self.relay.active + len(self.connecting) >= limit:
+            if limit and self.open_count >= limit:
                 self.metrics.connection_rejected()
                 self._warn_once(
                     "limit", "%d connections open (--max-connections): closing new ones", limit
@@ -132,10 +142,7 @@ class Accepting:
             loop.add_reader(self.listener.fileno(), self._on_accept)  # else the task does
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(key, 0.0) >= 1.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
+        warn_once(self._last_warning, key, msg, *args)
 
     # -- connection set-up ----------------------------------------------------------------
 
@@ -197,7 +204,8 @@ class Accepting:
         fd_client, fd_up = client.detach(), upstream.detach()
         mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
         try:
-            self.relay.add(fd_client, fd_up, conn_id, mptcp_fd)
+            self.relay.add(fd_client, fd_up, conn_id, mptcp_fd, tag=self.tag,
+                           idle_timeout=cfg.idle_timeout, splice=cfg.splice)
         except (OSError, MemoryError, RuntimeError, ValueError) as exc:
             # Relay.add owns both fds from the call on: it has closed them.
             self.metrics.relay_refused()

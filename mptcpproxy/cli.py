@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} -m {{client,server}} -p PORT (-r HOST:PORT | -t [MODE]) [options]\n"
+              f"       {PROG} --config FILE [--check-config] [-v | -q]\n"
               f"       {PROG} --check [-m {{client,server}}] [-b ADDR]",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -242,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
              "connection's end (default: text)",
     )
     parser.add_argument(
+        "--config", metavar="FILE",
+        help="read the listeners and settings from this TOML file (see CONFIGURATION FILE "
+             "in the man page); SIGHUP reloads it. The listener options (-m, -p, -r, ...) "
+             "then go in the file, not on the command line",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true",
+        help="with --config: check the file, print the listeners it defines and exit (0: "
+             "valid, 2: not); run it before a reload",
+    )
+    parser.add_argument(
         "--check", action="store_true",
         help="say whether MPTCP can open extra subflows here (MPTCP enabled, path manager, "
              "limits, endpoints, with the commands that fix them) and exit: 0 when it can, "
@@ -281,19 +293,39 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-def _check_transparent_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_listener_args(args: argparse.Namespace) -> None:
+    """What one listener's options must agree on; raises ConfigError (one sentence)."""
     if args.transparent is None:
         if args.remote is None:
-            parser.error("the following argument is required: -r/--remote (or -t for "
-                         "transparent mode)")
+            raise ConfigError("the following argument is required: -r/--remote (or -t for "
+                              "transparent mode)")
         for flag, given in (("--setup-firewall", args.setup_firewall),
-                            ("--print-firewall", args.print_firewall),
+                            ("--print-firewall", getattr(args, "print_firewall", False)),
                             ("--intercept", bool(args.intercept))):
             if given:
-                parser.error(f"{flag} only applies to transparent mode: add -t")
+                raise ConfigError(f"{flag} only applies to transparent mode: add -t")
     if args.transparent == "tproxy" and args.mark == TPROXY_BASE | args.port:
-        parser.error(f"--mark 0x{args.mark:x} is the mark TPROXY uses to route intercepted "
-                     "connections to this proxy: choose another mark")
+        raise ConfigError(f"--mark 0x{args.mark:x} is the mark TPROXY uses to route "
+                          "intercepted connections to this proxy: choose another mark")
+
+
+# With --config, the command line takes only these besides --config itself.
+_WITH_CONFIG = {"config", "check_config", "verbose", "quiet"}
+
+
+def _from_file(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The listeners of --config FILE; a usage error when listener options are given too."""
+    from mptcpproxy import configfile
+
+    given = [a for a in parser._actions if a.dest not in _WITH_CONFIG and a.option_strings
+             and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
+    if given:
+        flags = ", ".join(sorted({a.option_strings[-1] for a in given}))
+        parser.error(f"{flags}: with --config, set it in the file, not on the command line")
+    try:
+        return configfile.load(args.config)
+    except ConfigError as exc:
+        parser.exit(EXIT_USAGE, f"{PROG}: error: {exc}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,29 +339,47 @@ def main(argv: list[str] | None = None) -> int:
         from mptcpproxy.check import run_check
 
         return run_check(args.mode, bind=args.bind)
-    # -m and -p are not required=True in argparse, so that --check works without them
-    missing = [flag for flag, value in (("-m/--mode", args.mode), ("-p/--port", args.port))
-               if value is None]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
-    _check_transparent_args(parser, args)
-    config = config_from_args(args)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if args.config:
+        from mptcpproxy import configfile
+
+        loaded = _from_file(parser, args)
+        configs, settings = list(loaded.listeners), loaded.settings
+        if args.check_config:
+            print(f"{args.config}: valid; {len(configs)} listener"
+                  f"{'s' if len(configs) != 1 else ''}:")
+            print("\n".join(configfile.describe(c) for c in configs))
+            return EXIT_OK
+    else:
+        if args.check_config:
+            parser.error("--check-config needs --config FILE")
+        # -m and -p are not required=True in argparse, so that --check works without them
+        missing = [flag for flag, value in (("-m/--mode", args.mode), ("-p/--port", args.port))
+                   if value is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+        try:
+            check_listener_args(args)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        configs, settings = [config_from_args(args)], args
+    cli_level = (logging.DEBUG if args.verbose else logging.WARNING if args.quiet else None)
+    level = cli_level or (logging.DEBUG if settings.verbose else logging.WARNING
+                          if settings.quiet else logging.INFO)
     try:
-        logsetup.setup_logging(level, args.log_file, args.log_format)
+        logsetup.setup_logging(level, settings.log_file, settings.log_format)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if args.print_firewall:
         from mptcpproxy.firewall import method_for
 
-        sys.stdout.write(method_for(config).manual())
+        sys.stdout.write(method_for(configs[0]).manual())
         return EXIT_OK
 
     from mptcpproxy.control import StartupError, run  # the relay extension loads here
 
     try:
-        return run(config)
+        return run(configs, args.config, cli_level)
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

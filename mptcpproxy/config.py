@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -143,6 +144,21 @@ class Config:
     setup_firewall: bool = False  # install our nftables table (+ TPROXY routing) while running
     intercept: tuple[tuple[int, int], ...] = ()  # port ranges to intercept; (): all TCP
     metrics: HostPort | None = None  # --metrics: serve Prometheus metrics there
+    name: str | None = None  # a [[listener]]'s name: its socket-activation name and label
+
+    @property
+    def label(self) -> str:
+        """What names this listener in logs and metrics: its name, else its port."""
+        return self.name or str(self.port)
+
+    def with_name(self, name: str | None) -> Config:
+        return dataclasses.replace(self, name=name)
+
+    def same_socket(self, other: Config) -> bool:
+        """Whether `other` can take over this listener's socket as it is (only the
+        handling of new connections changes)."""
+        return (self.port, self.bind, self.listen_mptcp, self.transparent) == (
+            other.port, other.bind, other.listen_mptcp, other.transparent)
 
     @property
     def listen_mptcp(self) -> bool:

@@ -1,6 +1,6 @@
-"""Control plane: asyncio (uvloop) listens, accepts, resolves, connects upstream with a
-timeout, hands the fd pair to the relay, logs each connection's end, handles signals and
-drains. It never touches payload bytes."""
+"""Control plane: asyncio (uvloop) runs the listeners (listener.py), hands their pairs to
+the one relay, logs each connection's end, handles signals (SIGHUP: reload), and drains.
+It never touches payload bytes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Sequence
 
-from mptcpproxy import check, connlog, logsetup, origdst, sockets
-from mptcpproxy.accepting import Accepting
+from mptcpproxy import check, connlog, logsetup, sdlisten, sockets
+from mptcpproxy.accepting import warn_once
 from mptcpproxy.config import Config
-from mptcpproxy.connect import OUT_OF_RESOURCES, Attempt, literal, resolve
+from mptcpproxy.connect import OUT_OF_RESOURCES, literal
 from mptcpproxy.connlog import Conn, reason
+from mptcpproxy.listener import Listener, ListenerError
 from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay
 from mptcpproxy.relay._results import ACCEPT_ERROR, FAILED, Result
@@ -25,62 +27,72 @@ log = logging.getLogger("mptcpproxy")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+MAX_TAGS = 1024  # the relay's listener tags
 
 
 class StartupError(Exception):
     """The proxy cannot start; the message is one sentence for a person."""
 
 
-class Proxy(Accepting):
-    def __init__(self, config: Config) -> None:
-        self.config = config
+class Proxy:
+    """One process: the relay, the metrics server and every listener."""
+
+    def __init__(self, configs: Sequence[Config] | Config, config_path: str | None = None,
+                 ) -> None:
+        self.configs = (configs,) if isinstance(configs, Config) else tuple(configs)
+        self.config_path = config_path  # --config: what SIGHUP reloads
         self.relay: Relay | None = None
-        self.listener: socket.socket | None = None
-        self.conns: dict[int, Conn] = {}
-        self.connecting: set[Attempt] = set()
-        self.fast = False  # the relay workers accept and connect themselves
+        self.listeners: dict[int, Listener] = {}  # port -> the listener serving it
+        self.retired: list[Listener] = []  # stopped (a reload): closing after their pairs
+        self.by_tag: dict[int, Listener] = {}
+        self.conns: dict[int, Conn] = {}  # conn id -> set-up details, for its end line
         self.hurry = False  # a second SIGTERM/SIGINT: cut the drain short
         self.stopping: asyncio.Event | None = None
+        self.passed: list[sdlisten.Passed] = []  # sockets systemd passed
         self._last_warning: dict[str, float] = {}
-        self._accept_paused = False  # out of fds: the listener is left alone for a moment
-        self._resolving: asyncio.Task | None = None  # -r's name, before a batch is accepted
+        self._reloading: asyncio.Task | None = None
+        self.cli_level: int | None = None  # -v/-q on the command line: a reload keeps it
         self.metrics = Metrics(
-            active=lambda: len(self.connecting) + (self.relay.active if self.relay else 0),
+            active=lambda: (self.relay.active if self.relay else 0) + sum(
+                len(lst.connecting) for lst in self.listeners.values()),
             worker_stats=lambda: self.relay.stats() if self.relay else [],
         )
         self.metrics_server: asyncio.AbstractServer | None = None
-        self.transparent = None  # origdst.Transparent in transparent mode
-        self.firewall = None  # firewall.Method with --setup-firewall
+
+    @property
+    def config(self) -> Config:
+        """The process-wide settings (the same in every listener's Config)."""
+        return self.configs[0]
+
+    @property
+    def all_listeners(self) -> list[Listener]:
+        return [*self.listeners.values(), *self.retired]
 
     # -- start-up -------------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg = self.config
-        if not cfg.disable_mptcp:
+        if any(not c.disable_mptcp for c in self.configs):
             why = sockets.mptcp_unavailable()
             if why:
                 raise StartupError(why)
-        # subflow settings that leave a server's connections one path (before any fd exists)
-        for text in check.startup_warnings(cfg):
-            log.warning("%s", text)
-        if cfg.transparent or cfg.mark:
-            self._start_transparent()
-        if cfg.remote is not None and not cfg.remote.is_literal:
-            try:
-                await resolve(asyncio.get_running_loop(), cfg.remote)
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot resolve the remote host '{cfg.remote.host}' ({reason(exc)}): "
-                    "check the name or give an IP address"
-                ) from None
+        for c in self.configs:
+            # subflow settings that leave a server's connections one path (before any fd)
+            for text in check.startup_warnings(c):
+                log.warning("%s", text)
         try:
-            self.listener = sockets.make_listener(
-                cfg.bind, cfg.port, cfg.listen_mptcp, cfg.backlog,
-                transparent=cfg.transparent == "tproxy",
-            )
-        except OSError as exc:
-            raise StartupError(self._listen_error(exc)) from None
+            self.passed = sdlisten.take_passed()
+        except ValueError as exc:  # config.ConfigError
+            raise StartupError(str(exc)) from None
         self.relay = self._start_relay()
+        try:
+            started = await self._prepare(self.configs)
+        except ListenerError as exc:
+            raise StartupError(str(exc)) from None
+        for p in self.passed:
+            if not p.used:
+                log.warning("systemd passed the socket %s (%s), which no listener uses",
+                            p.name, p.address)
         if cfg.metrics is not None:
             try:
                 self.metrics_server = await start_metrics_server(
@@ -89,68 +101,44 @@ class Proxy(Accepting):
                 raise StartupError(self._metrics_error(exc)) from None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.relay.notify_fd, self._on_results)
-        # A fixed upstream address needs no decision per connection: the relay workers
-        # accept and connect themselves, no Python runs until the connection's end.
-        self.fast = (self.transparent is None and cfg.remote.is_literal
-                     and not cfg.max_connections)
-        if self.fast:
-            family, sockaddr = literal(cfg.remote)
-            mptcp_side = -1 if cfg.disable_mptcp else 1 if cfg.upstream_mptcp else 0
-            self.relay.listen(self.listener.fileno(), family, sockaddr, cfg.upstream_mptcp,
-                              mptcp_side, cfg.mark, cfg.connect_timeout)
-        else:
-            loop.add_reader(self.listener.fileno(), self._on_accept)
+        for lst in started:
+            self.listeners[lst.config.port] = lst
+            lst.start()
         self.stopping = asyncio.Event()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
-        name = sockets.peer_name(self.listener.getsockname())
-        log.info(
-            "listening on %s (%s), forwarding to %s over %s; %d relay worker(s), %s engine",
-            name, "MPTCP" if cfg.listen_mptcp else "TCP",
-            f"the original destination (-t {cfg.transparent}"
-            + (f"; not intercepted: {cfg.remote})" if cfg.remote else ")")
-            if cfg.transparent else cfg.remote,
-            "MPTCP" if cfg.upstream_mptcp else "TCP", cfg.worker_count, ENGINE,
-        )
+        log.info("%d listener(s), %d relay worker(s), %s engine", len(self.listeners),
+                 cfg.worker_count, ENGINE)
 
-    def _on_stop_signal(self) -> None:
-        if self.stopping.is_set():
-            self.hurry = True
-            log.info("second stop signal: closing the open connections now")
-        self.stopping.set()
+    async def _prepare(self, configs: Sequence[Config]) -> list[Listener]:
+        """New listeners for `configs`, their sockets open, not serving yet; on a failure
+        the ones already prepared are closed and ListenerError says why."""
+        prepared: list[Listener] = []
+        try:
+            for c in configs:
+                lst = Listener(c, self._free_tag(prepared), self.relay, self.metrics,
+                               self.conns)
+                prepared.append(lst)
+                try:
+                    await lst.prepare(self.passed)
+                except ListenerError as exc:
+                    raise ListenerError(f"listener {c.label}: {exc}"
+                                        if len(self.configs) > 1 else str(exc)) from None
+        except BaseException:
+            for lst in prepared:
+                lst.close()
+            raise
+        for lst in prepared:
+            self.by_tag[lst.tag] = lst
+        return prepared
 
-    def _on_hangup(self) -> None:
-        # systemctl reload and logrotate's postrotate: never fatal (DESIGN.md, Operations).
-        reopened = logsetup.reopen_log_files()
-        if reopened:
-            log.info("SIGHUP: reopened the log file %s", ", ".join(reopened))
-        else:
-            log.info("SIGHUP: no log file to reopen; configuration reload is not supported "
-                     "yet; ignored")
-
-    def _start_transparent(self) -> None:
-        from mptcpproxy import conntrack, firewall
-
-        cfg = self.config
-        if cfg.mark:
-            try:
-                sockets.stream_socket(socket.AF_INET, False, cfg.mark).close()
-            except PermissionError:
-                raise StartupError("--mark needs CAP_NET_ADMIN: run as root, or leave out "
-                                   "--mark and exclude the proxy's user in the rules") from None
-        if not cfg.transparent:
-            return
-        self.transparent = origdst.Transparent(cfg.transparent, cfg.port, cfg.remote)
-        if cfg.transparent == "redirect" and cfg.listen_mptcp:
-            why = conntrack.probe()  # the original destination of MPTCP comes from there
-            if why:
-                raise StartupError(why)
-        if cfg.setup_firewall:
-            self.firewall = firewall.method_for(cfg)
-            why = self.firewall.unsupported_reason()
-            if why:
-                raise StartupError(why)
+    def _free_tag(self, taking: list[Listener]) -> int:
+        used = set(self.by_tag) | {lst.tag for lst in taking}
+        for tag in range(MAX_TAGS):
+            if tag not in used:
+                return tag
+        raise ListenerError(f"more than {MAX_TAGS} listeners")
 
     def _start_relay(self) -> Relay:
         cfg = self.config
@@ -164,22 +152,6 @@ class Proxy(Accepting):
                 f"KiB buffers ({why}): use fewer --workers or a smaller --buffer-size"
             ) from None
 
-    def _listen_error(self, exc: OSError) -> str:
-        cfg = self.config
-        where = f"port {cfg.port}" + (f" on {cfg.bind}" if cfg.bind else "")
-        if exc.errno == errno.EPERM and cfg.transparent == "tproxy":
-            return ("-t tproxy needs CAP_NET_ADMIN for its transparent listener: run as "
-                    "root, or use -t redirect")
-        if exc.errno == errno.EADDRINUSE:
-            return f"{where} is already in use: stop the other program or choose another -p"
-        if exc.errno == errno.EACCES:
-            return f"no permission to listen on {where}: run as root or use a port above 1023"
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return f"cannot listen on {cfg.bind}: no interface has that address"
-        if exc.errno in (errno.ENOPROTOOPT, errno.EPROTONOSUPPORT, errno.EINVAL):
-            return sockets.mptcp_refusal(exc.errno)
-        return f"cannot listen on {where}: {os.strerror(exc.errno or 0)}"
-
     def _metrics_error(self, exc: OSError) -> str:
         where = self.config.metrics
         if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code, not for strerror
@@ -187,46 +159,86 @@ class Proxy(Accepting):
                     f"({exc.strerror}): check the name or give an IP address")
         return f"cannot serve metrics on {where}: {os.strerror(exc.errno or 0).lower()}"
 
+    # -- signals --------------------------------------------------------------------------
+
+    def _on_stop_signal(self) -> None:
+        if self.stopping.is_set():
+            self.hurry = True
+            log.info("second stop signal: closing the open connections now")
+        self.stopping.set()
+
+    def _on_hangup(self) -> None:
+        # systemctl reload and logrotate's postrotate: never fatal (docs/design.md).
+        reopened = logsetup.reopen_log_files()
+        if reopened:
+            log.info("SIGHUP: reopened the log file %s", ", ".join(reopened))
+        if self.config_path is None:
+            log.info("SIGHUP: %sno configuration file (--config) to reload; ignored",
+                     "" if reopened else "no log file to reopen and ")
+            return
+        if self._reloading is not None and not self._reloading.done():
+            log.info("SIGHUP: a reload is under way; send SIGHUP again once it has ended")
+            return
+        from mptcpproxy.reload import reload  # noqa: PLC0415 (only with --config)
+
+        self._reloading = asyncio.get_running_loop().create_task(reload(self))
+
     # -- results --------------------------------------------------------------------------
 
     def _on_results(self) -> None:
         # Every collect goes through here, the drain's last one too: a connect failure is
         # never reported as a closed connection, an accept error never dropped.
         for result in self.relay.collect():
+            lst = self.by_tag.get(result.tag)
+            if lst is None:
+                continue
             if result.reason == FAILED:
-                self._log_failed(result)
+                self._log_failed(lst, result)
             elif result.reason == ACCEPT_ERROR:
-                self.metrics.accept_error()
+                lst.metrics.accept_error()
                 self._warn_once("accept-fds", "cannot accept: %s; pausing accepts for 100 ms",
                                 os.strerror(result.errno))
             else:
-                self._log_result(result)
+                self._log_result(lst, result)
+        self._close_retired()
 
-    def _log_failed(self, r: Result) -> None:
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        warn_once(self._last_warning, key, msg, *args)
+
+    def _log_failed(self, lst: Listener, r: Result) -> None:
         # A connection the relay accepted itself whose upstream could not be reached.
         exc = TimeoutError("timed out") if r.errno == errno.ETIMEDOUT else OSError(
             r.errno, os.strerror(r.errno))
-        self.metrics.connect_failed(connect_failure_reason(exc))
+        lst.metrics.connect_failed(connect_failure_reason(exc))
         if r.errno in OUT_OF_RESOURCES:  # a burst of these: one line a second is enough
             self._warn_once("accept-fds", "cannot accept: %s; closing new connections and "
                             "pausing accepts for 100 ms", os.strerror(r.errno))
             return
         log.warning(
             "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            r.conn_id, sockets.peer_name(r.client), self.config.remote, reason(exc),
+            r.conn_id, sockets.peer_name(r.client), lst.config.remote, reason(exc),
         )
 
-    def _log_result(self, r: Result) -> None:
+    def _log_result(self, lst: Listener, r: Result) -> None:
         conn = self.conns.pop(r.conn_id, None)
         if conn is None:
             if r.client is None:
                 return
-            cfg = self.config  # accepted by the relay itself: -r is the upstream
-            conn = Conn(r.client, literal(cfg.remote)[1], not cfg.disable_mptcp)
-        self.metrics.connection_closed(r, conn.mptcp_leg)
+            c = lst.config  # accepted by the relay itself: -r is the upstream
+            conn = Conn(r.client, literal(c.remote)[1], not c.disable_mptcp)
+        lst.metrics.connection_closed(r, conn.mptcp_leg)
         connlog.log_end(r, conn)
 
-    # -- stop -----------------------------------------------------------------------------
+    def _close_retired(self) -> None:
+        # A listener a reload removed closes once its last connection has ended.
+        for lst in list(self.retired):
+            if lst.open_count == 0 and not lst.held_by_workers:
+                lst.close()
+                self.retired.remove(lst)
+                self.by_tag.pop(lst.tag, None)
+                log.info("listener %s: closed, its last connection ended", lst.label)
+
+    # -- serve and stop -------------------------------------------------------------------
 
     async def serve(self) -> None:
         try:
@@ -238,27 +250,27 @@ class Proxy(Accepting):
 
     async def _until_stopped(self) -> None:
         try:
-            if self.firewall is not None:
+            for lst in self.listeners.values():
                 try:
-                    self.firewall.setup_firewall()
+                    lst.setup_firewall()
                 except Exception as exc:  # firewall.FirewallError
                     raise StartupError(str(exc)) from None
             sd_notify("READY=1")  # listening, and the firewall rules (if any) are in place
             await self.stopping.wait()
         finally:
-            if self.firewall is not None:
-                # before the drain: new connections then flow as if the proxy were not there
-                self.firewall.restore_firewall()
+            for lst in self.all_listeners:
+                lst.restore_firewall()  # before the drain: new connections bypass the proxy
 
     async def drain(self) -> None:
         """Stop accepting at once; let open pairs finish for drain_timeout, then abort them."""
         loop = asyncio.get_running_loop()
         sd_notify("STOPPING=1")
         self.stopping.set()
-        await self._stop_accepting(loop)
-        for attempt in list(self.connecting):
-            attempt.cancel()
-        self.connecting.clear()
+        if self._reloading is not None:
+            self._reloading.cancel()
+        for lst in self.all_listeners:
+            lst.stop_accepting()
+        await self._close_let_go(loop)
         deadline = loop.time() + self.config.drain_timeout
         if self.relay.active:
             log.info("draining %d open connection(s), for %.0f s at most",
@@ -266,38 +278,30 @@ class Proxy(Accepting):
         while self.relay.active and loop.time() < deadline and not self.hurry:
             await asyncio.sleep(0.05)
         loop.remove_reader(self.relay.notify_fd)
-        self.relay.close()  # which also takes the listener out of every worker's epoll set
+        self.relay.close()  # which also takes every listener out of the workers' epoll sets
         self._on_results()
-        self._close_listener()
+        self.close_listeners()
         if self.metrics_server is not None:
             self.metrics_server.close()
         log.info("stopped")
 
-    async def _stop_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The listener is the control plane's: it is closed only once no worker polls it
-        # (DESIGN.md, ownership), else its fd number could be reused under a worker's epoll.
-        if self.listener is None:
-            return
-        if not self.fast:
-            loop.remove_reader(self.listener.fileno())
-            if self._resolving is not None:
-                self._resolving.cancel()
-            self._close_listener()
-            return
-        self.relay.unlisten()
+    async def _close_let_go(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A listener is the control plane's: it is closed only once no worker polls it
+        # (docs/design.md, ownership), else its fd number could be reused under a worker.
         deadline = loop.time() + 2.0
-        while self.relay.listening and loop.time() < deadline:
+        while any(lst.held_by_workers for lst in self.all_listeners) and loop.time() < deadline:
             await asyncio.sleep(0.002)
-        if self.relay.listening:
-            log.warning("a relay worker still polls the listener: it is closed once the "
-                        "relay has stopped")
-            return
-        self._close_listener()
+        for lst in self.all_listeners:
+            if lst.held_by_workers:
+                log.warning("a relay worker still polls listener %s: it is closed once the "
+                            "relay has stopped", lst.label)
+            else:
+                lst.close()
 
-    def _close_listener(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+    def close_listeners(self) -> None:
+        """Close every listener's socket; call after relay.close()."""
+        for lst in self.all_listeners:
+            lst.close()
 
 
 def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -328,14 +332,20 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
 
 
-def run(config: Config) -> int:
-    """Serve until SIGINT/SIGTERM, then drain; raises StartupError when it cannot start."""
-    proxy = Proxy(config)
+def run(configs: Sequence[Config] | Config, config_path: str | None = None,
+        cli_level: int | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then drain; raises StartupError when it cannot start.
+    `cli_level`: -v/-q from the command line, which a reload does not override."""
+    proxy = Proxy(configs, config_path)
+    proxy.cli_level = cli_level
     try:
         _run_loop(proxy.serve())
     finally:
-        # The relay first: closing it takes the listener out of every worker's epoll set.
+        # The relay first: closing it takes the listeners out of every worker's epoll set.
         if proxy.relay is not None:
             proxy.relay.close()
-        proxy._close_listener()
+        for lst in proxy.all_listeners:
+            if lst.listener is not None:
+                lst.listener.close()
+                lst.listener = None
     return 0

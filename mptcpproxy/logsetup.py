@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from types import FrameType
 from mptcpproxy.config import ConfigError
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+JOURNAL_FORMAT = "%(levelname)s %(message)s"  # the journal timestamps each line itself
 FORMATS = ("text", "json")
 
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -105,11 +107,13 @@ def reopen_log_files() -> list[str]:
 
 
 def setup_logging(level: int = logging.INFO, log_file: str | None = None,
-                  log_format: str = "text") -> logging.Handler:
+                  log_format: str = "text", handle_sighup: bool = True) -> logging.Handler:
     """Configure the root logger: stderr, or `log_file` reopened on SIGHUP; text or json.
 
     Replaces what an earlier call installed. Raises ConfigError (one sentence) when the
-    log file cannot be opened or the format is unknown. Call from the main thread.
+    log file cannot be opened or the format is unknown. Call from the main thread;
+    `handle_sighup=False` once the control plane's loop handles SIGHUP itself. Text lines
+    to stderr under systemd (JOURNAL_STREAM set) carry no time: the journal adds its own.
     """
     if log_format not in FORMATS:
         raise ConfigError(f"unknown log format '{log_format}' (use {' or '.join(FORMATS)})")
@@ -121,8 +125,9 @@ def setup_logging(level: int = logging.INFO, log_file: str | None = None,
             raise ConfigError(f"cannot open log file '{log_file}': {exc.strerror}") from None
     else:
         handler = logging.StreamHandler(sys.stderr)
+    journal = not log_file and bool(os.environ.get("JOURNAL_STREAM"))
     handler.setFormatter(JsonFormatter() if log_format == "json" else
-                         logging.Formatter(TEXT_FORMAT))
+                         logging.Formatter(JOURNAL_FORMAT if journal else TEXT_FORMAT))
     root = logging.getLogger()
     for old in _installed:
         root.removeHandler(old)
@@ -130,7 +135,7 @@ def setup_logging(level: int = logging.INFO, log_file: str | None = None,
     _installed[:] = [handler]
     root.addHandler(handler)
     root.setLevel(level)
-    if log_file:
+    if log_file and handle_sighup:
         # Until the control plane's loop takes SIGHUP over, it means "reopen" here.
         signal.signal(signal.SIGHUP, _on_sighup)
     return handler

@@ -90,18 +90,26 @@ def _listen(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        # Several processes may listen on the port at once, so that a new one takes over
+        # while the old one drains (a restart that refuses nothing; docs/operating.md).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
-            # TPROXY hands this listener connections for addresses that are not ours
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            set_transparent(sock)
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT / IPV6_TRANSPARENT: TPROXY hands this listener connections for
+    addresses that are not ours (needs CAP_NET_ADMIN; raises OSError)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -60,6 +60,11 @@ def closed_by_proxy(client: socket.socket) -> bool:
         return True
 
 
+def only_listener(proxy: Proxy):
+    (listener,) = proxy.all_listeners
+    return listener
+
+
 def wait_until(pred, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not pred():
@@ -85,20 +90,23 @@ class WatchedRelay:
     def __getattr__(self, name: str):
         return getattr(self._relay, name)
 
-    def listen(self, fd: int, *args) -> None:
+    def listen(self, fd: int, *args, **kwargs) -> None:
         self.listener = (fd, os.fstat(fd).st_ino)
-        self._relay.listen(fd, *args)
+        self._relay.listen(fd, *args, **kwargs)
 
     @property
     def listening(self) -> bool:
         return self.stuck or self._relay.listening
 
-    def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1) -> None:
+    def holds(self, fd: int) -> bool:
+        return self.stuck or self._relay.holds(fd)
+
+    def add(self, fd_a: int, fd_b: int, conn_id: int, mptcp_fd: int = -1, **kwargs) -> None:
         if self.refuse is not None:
             os.close(fd_a)
             os.close(fd_b)
             raise self.refuse
-        self._relay.add(fd_a, fd_b, conn_id, mptcp_fd)
+        self._relay.add(fd_a, fd_b, conn_id, mptcp_fd, **kwargs)
 
     def close(self) -> None:
         if self.listener_open_at_close is None and self.listener is not None:
@@ -129,7 +137,7 @@ def test_connect_failures_collected_at_the_stop_are_failures(proxy_log) -> None:
 
         async def scenario() -> None:
             await proxy.start()
-            assert proxy.fast
+            assert only_listener(proxy).fast
             for _ in range(2):
                 with socket.create_connection(("127.0.0.1", proxy.config.port),
                                               timeout=TIMEOUT) as client:
@@ -164,7 +172,7 @@ def test_drain_keeps_the_listener_while_a_worker_has_it(watched, proxy_log) -> N
         _run_loop(scenario())
     (relay,) = watched.instances
     assert relay.listener_open_at_close is True
-    assert proxy.listener is None
+    assert only_listener(proxy).listener is None
     assert "stopped" in proxy_log.text
 
 
@@ -195,7 +203,7 @@ def test_a_pair_the_relay_refuses_leaks_nothing(watched, proxy_log) -> None:
 
         async def scenario() -> None:
             await proxy.start()
-            assert not proxy.fast
+            assert not only_listener(proxy).fast
             loop = asyncio.get_running_loop()
             with socket.socket() as client:
                 client.setblocking(False)
@@ -210,7 +218,7 @@ def test_a_pair_the_relay_refuses_leaks_nothing(watched, proxy_log) -> None:
 
         _run_loop(scenario())
     assert proxy.conns == {}
-    assert not proxy.connecting
+    assert not only_listener(proxy).connecting
     assert "cannot be relayed: cannot allocate memory" in proxy_log.text, proxy_log.text
     assert proxy.metrics.closed["error"] == 1
     assert "Traceback" not in proxy_log.text

@@ -215,10 +215,10 @@ def test_close_takes_the_listener_out_of_every_epoll_set(engine):
     inode = os.fstat(lsock.fileno()).st_ino
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not relay.listening:
+        while not epoll_watches(inode):  # the workers registered it
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert epoll_watches(inode)
+        assert relay.listening
         relay.close()
         assert not relay.listening
         assert not epoll_watches(inode)
