@@ -182,6 +182,7 @@ class Proxy:
         from mptcpproxy.reload import reload  # noqa: PLC0415 (only with --config)
 
         self._reloading = asyncio.get_running_loop().create_task(reload(self))
+        self._reloading.add_done_callback(_log_crash)
 
     # -- results --------------------------------------------------------------------------
 
@@ -302,6 +303,12 @@ class Proxy:
         """Close every listener's socket; call after relay.close()."""
         for lst in self.all_listeners:
             lst.close()
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    # A bug in a reload must not pass unseen (a task's exception is otherwise dropped).
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reload failed", exc_info=task.exception())
 
 
 def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:

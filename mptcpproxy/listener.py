@@ -49,6 +49,7 @@ class Listener(Accepting):
         self._last_warning: dict[str, float] = {}
         self._accept_paused = False
         self._resolving: asyncio.Task | None = None
+        self.activated: str | None = None  # the name of the socket systemd passed
 
     @property
     def label(self) -> str:
@@ -74,10 +75,11 @@ class Listener(Accepting):
                     f"cannot resolve the remote host '{cfg.remote.host}' ({reason(exc)}): "
                     "check the name or give an IP address") from None
         try:
-            self.listener = sdlisten.match(passed, cfg)
+            activated = sdlisten.match(passed, cfg)
         except ValueError as exc:  # config.ConfigError
             raise ListenerError(str(exc)) from None
-        if self.listener is not None:
+        if activated is not None:
+            self.listener, self.activated = activated.sock, activated.name
             if cfg.transparent == "tproxy":
                 sockets.set_transparent(self.listener)
             return
@@ -140,8 +142,9 @@ class Listener(Accepting):
         else:
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_accept)
         log.info(
-            "listener %s: listening on %s (%s), forwarding to %s over %s",
+            "listener %s: listening on %s (%s%s), forwarding to %s over %s",
             self.label, sockets.peer_name(self.listener.getsockname()),
+            f"socket from systemd: {self.activated}, " if self.activated else "",
             "MPTCP" if cfg.listen_mptcp else "TCP",
             f"the original destination (-t {cfg.transparent}"
             + (f"; not intercepted: {cfg.remote})" if cfg.remote else ")")

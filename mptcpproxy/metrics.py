@@ -67,11 +67,16 @@ class Metrics:
         self.upstream_to_client = 0
         self.mptcp_leg: Counter[str] = Counter()  # "mptcp" / "fallback"
         self.subflows: Counter[int] = Counter()  # connections by subflow count (MPTCP only)
+        self.reloads: Counter[str] = Counter()  # configuration reloads by result
 
     # -- the control plane's calls, once per event --------------------------------------------
 
     def connection_accepted(self) -> None:
         self.accepted += 1
+
+    def config_reload(self, result: str) -> None:
+        """A reload of the configuration file: result "success" or "failure"."""
+        self.reloads[result] += 1
 
     def accept_error(self) -> None:
         self.accept_errors += 1

@@ -80,7 +80,7 @@ def _binds(passed: Passed, config: Config) -> bool:
     return host == config.bind or host == f"::ffff:{config.bind}"
 
 
-def match(passed: list[Passed], config: Config) -> socket.socket | None:
+def match(passed: list[Passed], config: Config) -> Passed | None:
     """The passed socket for this listener (by name, else by address), checked to be of
     the protocol it needs; None when systemd passed none for it."""
     chosen = next((p for p in passed if not p.used and p.name == config.name), None)
@@ -98,4 +98,4 @@ def match(passed: list[Passed], config: Config) -> socket.socket | None:
                           f"for the listener on port {config.port}, which accepts {need}: "
                           f"{fix}")
     chosen.used = True
-    return chosen.sock
+    return chosen
