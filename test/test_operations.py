@@ -57,8 +57,10 @@ def wait_for(pred, what: str):
     return value
 
 
-def roundtrip(port: int, payload: bytes) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as c:
+def roundtrip(port: int, payload: bytes = b"ping", proto: int = 262) -> bytes:
+    """`payload` to 127.0.0.1:port (MPTCP unless `proto` says otherwise), half-close, and
+    everything that comes back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto) as c:
         c.settimeout(TIMEOUT)
         c.connect(("127.0.0.1", port))
         c.sendall(payload)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_operations import REPO, echo_server, free_port, wait_for
+from test_operations import roundtrip as operations_roundtrip
 
 TIMEOUT = 30.0
 MiB = 1 << 20
@@ -102,13 +103,7 @@ class Transfer(threading.Thread):
 
 
 def roundtrip(port: int, payload: bytes = b"ping") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as c:
-        c.sendall(payload)
-        c.shutdown(socket.SHUT_WR)
-        got = b""
-        while data := c.recv(65536):
-            got += data
-        return got
+    return operations_roundtrip(port, payload, proto=0)
 
 
 def refused_or_reset(port: int) -> bool:

@@ -117,12 +117,18 @@ def test_systemd_socket_activate_passes_the_listener(testbed, tmp_path):
     assert proxy.wait(30) == 0, proxy.describe()
 
 
-def test_an_mptcp_listener_passed_by_socket_activation(testbed, tmp_path):
+def _server_held(testbed, tmp_path, proto: int, until: str):
+    """A server-mode proxy whose listener (`proto`) a holder passes, as systemd would."""
     host = _host_with_echo(testbed)
     config = _config(tmp_path, "server", name="mp")
-    holder = host.start([sys.executable, "-c", HOLDER, "262", str(PORT), "mp", config],
+    holder = host.start([sys.executable, "-c", HOLDER, str(proto), str(PORT), "mp", config],
                         name="holder")
-    wait_until(lambda: "1 listener(s)" in holder.stderr, 30, "the proxy")
+    wait_until(lambda: until in holder.stderr, 30, f"{until!r} from the proxy")
+    return host, holder
+
+
+def test_an_mptcp_listener_passed_by_socket_activation(testbed, tmp_path):
+    host, holder = _server_held(testbed, tmp_path, 262, "1 listener(s)")
     assert _roundtrip(host, 262) == "activated 1"  # the client's side really is MPTCP
     assert "socket from systemd: mp" in holder.stderr, holder.stderr
     holder.send_signal(signal.SIGTERM)
@@ -130,11 +136,7 @@ def test_an_mptcp_listener_passed_by_socket_activation(testbed, tmp_path):
 
 
 def test_a_tcp_socket_for_a_server_listener_names_the_fix(testbed, tmp_path):
-    host = _host_with_echo(testbed)
-    config = _config(tmp_path, "server", name="mp")
-    holder = host.start([sys.executable, "-c", HOLDER, "6", str(PORT), "mp", config],
-                        name="holder")
-    wait_until(lambda: "error" in holder.stderr, 30, "the proxy's error")
+    _, holder = _server_held(testbed, tmp_path, 6, "error")
     assert "add SocketProtocol=mptcp to the .socket unit" in holder.stderr, holder.stderr
     assert "Traceback" not in holder.stderr
     holder.stop()
