@@ -2,11 +2,21 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# gcc brings binutils and its AddressSanitizer runtime (libasan8 with Debian 12's gcc 12)
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
-	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf
+	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
+	gcc libc6-dev python3-dev
 BENCH_APT_PACKAGES := haproxy socat mptcpd
+# the engine's tests that the AddressSanitizer pass runs again (the compiled engine's ids),
+# with the checks of that pass itself and the soak
+ASAN_TESTS := test/test_asan.py test/test_relay.py test/test_relay_listen.py test/test_splice.py
+ASAN_SELECT := [c] or [c- or compiled_extension or test_asan.py
+# the ASan build of the extension, beside the package (see asan)
+ASAN_SO = build/asan/mptcpproxy/relay/_relay$(shell $(PY) -c \
+	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
-.PHONY: all deps venv build debug test demo bench wheel testinstalled man lint clean
+.PHONY: all deps venv build debug asan test test-asan demo bench wheel testinstalled man \
+	lint clean
 
 all: build
 
@@ -35,8 +45,22 @@ build: venv
 debug: venv
 	MPTCPPROXY_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
+# the extension with AddressSanitizer (-fsanitize=address -O1 -g), built into build/asan and
+# never in place: the tests and the benchmarks keep the normal build, and `make build` is not
+# fooled by a newer .so. test/under-asan runs a command with it (libasan preloaded).
+asan: deps venv
+	MPTCPPROXY_ASAN=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
+
+# the suite, then the engine's tests once more under ASan (PYTEST_ARGS narrows the first
+# pass, ASAN_PYTEST_ARGS the second)
 test: deps build
 	MPTCPPROXY_REQUIRE_EXTENSION=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-asan
+
+# any AddressSanitizer report fails it, whatever the tests said
+test-asan: asan
+	test/under-asan $(ASAN_SO) $(PY) -m pytest -ra $(ASAN_TESTS) -k "$(ASAN_SELECT)" \
+		$(ASAN_PYTEST_ARGS)
 
 demo: deps build
 	$(PY) bench/demo.py
@@ -77,7 +101,7 @@ clean:
 # the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python
 # twin, HAProxy and socat side by side; bench/results/*.jsonl, the table in bench/README.md
 # and bench/ratios.png. BENCH_QUICK=1: one short run; BENCH_ARGS: bench/bench.py's options
-bench: EXTRA_APT = $(BENCH_APT_PACKAGES) gcc libc6-dev
+bench: EXTRA_APT = $(BENCH_APT_PACKAGES)
 bench: deps build
 	$(PY) -m pip install -q -r bench/requirements.txt
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/bench.py $(BENCH_ARGS)
