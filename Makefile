@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# gcc brings binutils and its AddressSanitizer runtime (libasan8 with Debian 12's gcc 12)
+# the build: gcc (it brings binutils and its AddressSanitizer runtime, libasan8 with Debian
+# 12's gcc 12), the Python headers and venv
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
-	gcc libc6-dev python3-dev
+	gcc libc6-dev python3-dev python3-venv
 BENCH_APT_PACKAGES := haproxy socat mptcpd
 # the engine's tests that the AddressSanitizer pass runs again (the compiled engine's ids),
 # with the checks of that pass itself and the soak

@@ -7,9 +7,10 @@ stderr, both with --idle-timeout. Rounds of sessions from soak.py (bulk, ping-po
 half-close both ways, resets from either end, receivers that stall and resume, receivers
 that stall past the idle timeout), every byte sha256-checked, while the test sends SIGHUP to
 every proxy every few seconds and takes one path down and up again. Between rounds, when no
-connection is open, each proxy's fds and RSS are read: at the end its fds are back to the
-count after the first round and its RSS within a bound, one last transfer through each pair
-works, each proxy stops with exit code 0, and AddressSanitizer reported nothing.
+connection is open, each proxy's fds and RSS are read: its fds are back to those after the
+first round (pipes: within the engine's pool), at the end its RSS is within a bound, one last
+transfer through each pair works, each proxy stops with exit code 0, and AddressSanitizer
+reported nothing.
 """
 
 from __future__ import annotations
