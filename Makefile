@@ -8,11 +8,11 @@ APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmo
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
 	gcc libc6-dev python3-dev python3-venv
 BENCH_APT_PACKAGES := haproxy socat mptcpd
-# the engine's tests that the AddressSanitizer pass runs again (the compiled engine's ids),
-# with the checks of that pass itself and the soak
-ASAN_TESTS := test/test_asan.py test/test_relay.py test/test_relay_listen.py test/test_splice.py \
+# the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
+# ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
+ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \
 	test/test_soak.py
-ASAN_SELECT := [c] or [c- or compiled_extension or test_asan.py or test_soak.py
+ASAN_SELECT := [c] or [c- or -c] or compiled_extension or test_asan.py or test_soak.py
 # the ASan build of the extension, beside the package (see asan)
 ASAN_SO = build/asan/mptcpproxy/relay/_relay$(shell $(PY) -c \
 	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
