@@ -2,11 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# the build: gcc (it brings binutils and its AddressSanitizer runtime, libasan8 with Debian
+# 12's gcc 12), the Python headers and venv
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
-	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf
+	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
+	gcc libc6-dev python3-dev python3-venv
 BENCH_APT_PACKAGES := haproxy socat mptcpd
+# the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
+# ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
+ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \
+	test/test_soak.py
+ASAN_SELECT := [c] or [c- or -c] or compiled_extension or test_asan.py or test_soak.py
+# the ASan build of the extension, beside the package (see asan)
+ASAN_SO = build/asan/mptcpproxy/relay/_relay$(shell $(PY) -c \
+	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+SOAK_SECONDS ?= 600
 
-.PHONY: all deps venv build debug test demo bench wheel testinstalled man lint clean
+.PHONY: all deps venv build debug asan test test-asan soak demo bench wheel testinstalled man \
+	lint clean
 
 all: build
 
@@ -35,8 +48,27 @@ build: venv
 debug: venv
 	MPTCPPROXY_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
+# the extension with AddressSanitizer (-fsanitize=address -O1 -g), built into build/asan and
+# never in place: the tests and the benchmarks keep the normal build, and `make build` is not
+# fooled by a newer .so. test/under-asan runs a command with it (libasan preloaded).
+asan: deps venv
+	MPTCPPROXY_ASAN=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
+
+# the suite, then the engine's tests once more and the 30-second soak under ASan; the soak
+# runs only there (PYTEST_ARGS narrows the first pass, ASAN_PYTEST_ARGS the second)
 test: deps build
-	MPTCPPROXY_REQUIRE_EXTENSION=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
+	MPTCPPROXY_REQUIRE_EXTENSION=1 $(PY) -m pytest -ra --ignore=test/test_soak.py $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-asan
+
+# any AddressSanitizer report fails it, whatever the tests said
+test-asan: asan
+	test/under-asan $(ASAN_SO) env SOAK_SECONDS=30 $(PY) -m pytest -ra $(ASAN_TESTS) \
+		-k "$(ASAN_SELECT)" $(ASAN_PYTEST_ARGS)
+
+# the soak alone under ASan, SOAK_SECONDS long (default 10 minutes), reporting each round
+soak: asan
+	test/under-asan $(ASAN_SO) env SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -ra -s \
+		test/test_soak.py
 
 demo: deps build
 	$(PY) bench/demo.py
@@ -54,7 +86,8 @@ wheel: venv
 	$(VENV)/bin/auditwheel show wheelhouse/*.whl
 
 # the repaired wheel in a fresh virtualenv; the tests run from a scratch directory holding
-# only test/, contrib/ and pyproject.toml, so mptcpproxy can only be the installed one;
+# only test/, contrib/ and pyproject.toml, so mptcpproxy can only be the installed one (the
+# soak is left to make test-asan and make soak);
 # the directory is world-readable because one test runs the proxy as nobody
 testinstalled: deps wheel
 	@set -e; tmp=$$(mktemp -d); chmod 755 "$$tmp"; trap 'rm -rf "$$tmp"' EXIT; \
@@ -64,7 +97,8 @@ testinstalled: deps wheel
 	"$$tmp/venv/bin/mptcp-proxy" --version; \
 	test -f "$$tmp/venv/share/man/man1/mptcp-proxy.1"; \
 	"$$tmp/venv/bin/python" -c 'import mptcpproxy.relay._relay as r; assert "/site-packages/" in r.__file__, r.__file__; print("testing", r.__file__)'; \
-	MPTCPPROXY_REQUIRE_EXTENSION=1 "$$tmp/venv/bin/python" -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
+	MPTCPPROXY_REQUIRE_EXTENSION=1 "$$tmp/venv/bin/python" -m pytest -ra -p no:cacheprovider \
+		--ignore=test/test_soak.py $(PYTEST_ARGS)
 
 # mptcp-proxy.1 from cli.build_parser() and man/mptcp-proxy.include ([tool.build_manpages])
 man: venv
@@ -77,7 +111,7 @@ clean:
 # the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python
 # twin, HAProxy and socat side by side; bench/results/*.jsonl, the table in bench/README.md
 # and bench/ratios.png. BENCH_QUICK=1: one short run; BENCH_ARGS: bench/bench.py's options
-bench: EXTRA_APT = $(BENCH_APT_PACKAGES) gcc libc6-dev
+bench: EXTRA_APT = $(BENCH_APT_PACKAGES)
 bench: deps build
 	$(PY) -m pip install -q -r bench/requirements.txt
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/bench.py $(BENCH_ARGS)
