@@ -348,7 +348,7 @@ EINTR_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+@pytest.mark.parametrize("splice", [False, True], ids=["c-copy", "c-splice"])
 def test_eintr_on_send_is_retried_not_taken_for_a_full_socket(tmp_path, splice):
     # EINTR was handled as EAGAIN: the relay waited for an EPOLLOUT edge that had already
     # come, and the transfer stalled. The compiled engine only: the twin's socket calls
@@ -359,7 +359,8 @@ def test_eintr_on_send_is_retried_not_taken_for_a_full_socket(tmp_path, splice):
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(src), "-ldl"],
                    check=True, timeout=60)
     script = EINTR_SCRIPT.format(repo=os.path.dirname(HERE), here=HERE, splice=splice)
-    env = {**os.environ, "LD_PRELOAD": f"{shim} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    # after what is preloaded already (AddressSanitizer's runtime must come first)
+    env = {**os.environ, "LD_PRELOAD": f"{os.environ.get('LD_PRELOAD', '')} {shim}".strip()}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=90, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
