@@ -48,9 +48,10 @@ cdef int established_subflows(int fd) noexcept nogil:
         return -1
     n = mfi.num_subflows if mfi.num_subflows < c.MAX_SUBFLOWS else c.MAX_SUBFLOWS
     for i in range(n):
-        # ESTABLISHED, FIN_WAIT1/2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING: the handshake
-        # completed (SYN_SENT/SYN_RECV: a join under way; CLOSE: refused, or gone).
-        if tcpi[i].tcpi_state in (1, 4, 5, 6, 8, 9, 11):
+        # A handshake that completed acked our SYN (or SYN-ACK): bytes_acked counts it, so
+        # a join still under way (SYN_SENT/SYN_RECV) or refused has 0, while one that came
+        # up counts even after it was closed (state CLOSE until the connection's close()).
+        if tcpi[i].tcpi_bytes_acked > 0:
             count += 1
     return count
 

@@ -23,10 +23,8 @@ SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less,
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_TCPI_SIZE = 8  # bytes of tcp_info read per subflow: tcpi_state is the first
+_TCPI_SIZE = 128  # bytes of tcp_info read per subflow: up to tcpi_bytes_acked (@120)
 MAX_SUBFLOWS = 16
-# ESTABLISHED, FIN_WAIT1/2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING: the handshake completed
-_HANDSHAKE_DONE = frozenset((1, 4, 5, 6, 8, 9, 11))
 
 
 def established_subflows(fd: int) -> int | None:
@@ -42,7 +40,10 @@ def established_subflows(fd: int) -> int | None:
     if _libc.getsockopt(fd, SOL_MPTCP, MPTCP_FULL_INFO, buf, ctypes.byref(size)) != 0:
         return None
     n = min(struct.unpack_from("=I", buf, 16)[0], MAX_SUBFLOWS)
-    return sum(1 for i in range(n) if tcpi.raw[i * _TCPI_SIZE] in _HANDSHAKE_DONE)
+    # A handshake that completed acked our SYN (or SYN-ACK): +1 in tcpi_bytes_acked, also
+    # once the subflow is closed; a join under way or refused has 0 (see _relay.pyx).
+    return sum(1 for i in range(n)
+               if struct.unpack_from("=Q", tcpi, i * _TCPI_SIZE + 120)[0] > 0)
 
 
 class _Pair:

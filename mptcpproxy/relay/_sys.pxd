@@ -218,12 +218,7 @@ cdef struct mptcp_full_info:
 
 
 cdef struct tcp_info_head:
-    # The leading bytes of struct tcp_info.
+    # The leading 128 bytes of struct tcp_info (include/uapi/linux/tcp.h).
     uint8_t tcpi_state
-    uint8_t tcpi_ca_state
-    uint8_t tcpi_retransmits
-    uint8_t tcpi_probes
-    uint8_t tcpi_backoff
-    uint8_t tcpi_options
-    uint8_t tcpi_wscale
-    uint8_t tcpi_flags
+    uint8_t skip1[119]
+    uint64_t tcpi_bytes_acked  # @120: +1 for the SYN once the handshake completed
