@@ -31,6 +31,16 @@ cdef inline uint64_t active_pairs(WorkerState *w) noexcept nogil:
     return total - finished if total > finished else 0
 
 
+cdef inline int subflow_came_up(uint8_t state, uint64_t acked, uint64_t received) noexcept nogil:
+    # A subflow whose handshake completed. SYN_SENT/SYN_RECV: a join under way (the passive
+    # side lists a join only once it completed); CLOSE with nothing acked (our SYN counts
+    # +1 once answered) nor received: a refused join. A subflow that came up and closed
+    # since stays listed in state CLOSE until the connection's close(): it counts.
+    if state == 2 or state == 3 or state == 10:
+        return 0
+    return state != 7 or acked > 0 or received > 0
+
+
 cdef int established_subflows(int fd) noexcept nogil:
     # Subflows whose handshake completed, from MPTCP_FULL_INFO's per-subflow tcp_info:
     # mptcpi_subflows also counts a join still waiting for its answer, and a refused one.
@@ -48,10 +58,8 @@ cdef int established_subflows(int fd) noexcept nogil:
         return -1
     n = mfi.num_subflows if mfi.num_subflows < c.MAX_SUBFLOWS else c.MAX_SUBFLOWS
     for i in range(n):
-        # A handshake that completed acked our SYN (or SYN-ACK): bytes_acked counts it, so
-        # a join still under way (SYN_SENT/SYN_RECV) or refused has 0, while one that came
-        # up counts even after it was closed (state CLOSE until the connection's close()).
-        if tcpi[i].tcpi_bytes_acked > 0:
+        if subflow_came_up(tcpi[i].tcpi_state, tcpi[i].tcpi_bytes_acked,
+                           tcpi[i].tcpi_bytes_received):
             count += 1
     return count
 

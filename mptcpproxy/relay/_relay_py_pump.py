@@ -23,7 +23,7 @@ SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less,
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_TCPI_SIZE = 128  # bytes of tcp_info read per subflow: up to tcpi_bytes_acked (@120)
+_TCPI_SIZE = 136  # bytes of tcp_info read per subflow: up to tcpi_bytes_received (@128)
 MAX_SUBFLOWS = 16
 
 
@@ -40,10 +40,15 @@ def established_subflows(fd: int) -> int | None:
     if _libc.getsockopt(fd, SOL_MPTCP, MPTCP_FULL_INFO, buf, ctypes.byref(size)) != 0:
         return None
     n = min(struct.unpack_from("=I", buf, 16)[0], MAX_SUBFLOWS)
-    # A handshake that completed acked our SYN (or SYN-ACK): +1 in tcpi_bytes_acked, also
-    # once the subflow is closed; a join under way or refused has 0 (see _relay.pyx).
-    return sum(1 for i in range(n)
-               if struct.unpack_from("=Q", tcpi, i * _TCPI_SIZE + 120)[0] > 0)
+    return sum(1 for i in range(n) if subflow_came_up(
+        tcpi.raw[i * _TCPI_SIZE], *struct.unpack_from("=QQ", tcpi, i * _TCPI_SIZE + 120)))
+
+
+def subflow_came_up(state: int, acked: int, received: int) -> bool:
+    """A subflow whose handshake completed (see _relay.pyx, subflow_came_up)."""
+    if state in (2, 3, 10):  # SYN_SENT, SYN_RECV: a join under way; LISTEN
+        return False
+    return state != 7 or acked > 0 or received > 0  # CLOSE with nothing: refused
 
 
 class _Pair:

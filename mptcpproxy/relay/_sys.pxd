@@ -218,7 +218,8 @@ cdef struct mptcp_full_info:
 
 
 cdef struct tcp_info_head:
-    # The leading 128 bytes of struct tcp_info (include/uapi/linux/tcp.h).
+    # The leading 136 bytes of struct tcp_info (include/uapi/linux/tcp.h).
     uint8_t tcpi_state
     uint8_t skip1[119]
-    uint64_t tcpi_bytes_acked  # @120: +1 for the SYN once the handshake completed
+    uint64_t tcpi_bytes_acked  # @120: +1 for our SYN once the active open completed
+    uint64_t tcpi_bytes_received  # @128: +1 for the peer's FIN
