@@ -31,6 +31,21 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in parser.text_string_to_metric_families(text) for s in family.samples}
 
 
+def value(got: dict, name: str, **labels: str) -> float:
+    """The sample `name{labels}` summed over every listener (the label is left out of
+    `labels`), or over the one given as listener=...; KeyError when there is none."""
+    def wanted(lbls: tuple[tuple[str, str], ...]) -> bool:
+        have = dict(lbls)
+        if "listener" not in labels:
+            have.pop("listener", None)
+        return have == labels
+
+    found = [v for (n, lbls), v in got.items() if n == name and wanted(lbls)]
+    if not found:
+        raise KeyError(f"{name}{labels}")
+    return sum(found)
+
+
 def families(text: str) -> dict[str, str]:
     return {f.name: f.type for f in parser.text_string_to_metric_families(text)}
 
