@@ -98,6 +98,7 @@ def test_proxy_operations(tmp_path: Path) -> None:
         assert value(got, "mptcpproxy_mptcp_leg_connections_total", result="mptcp") == 1
         assert ("mptcpproxy_worker_pairs_total", (("worker", "1"),)) in got
         assert value(got, "mptcpproxy_connections_active") == 0
+        assert got[("process_open_fds", ())] > 0
         # logrotate: rename, SIGHUP, the next line lands in a new file
         log.rename(tmp_path / "proxy.log.1")
         proc.send_signal(signal.SIGHUP)
