@@ -1,9 +1,15 @@
-"""Prometheus metrics: counters the control plane updates once per connection, and an
-asyncio HTTP endpoint (`--metrics HOST:PORT`) serving them in the text exposition format.
+"""Prometheus metrics, rendered by prometheus-client from the proxy's own CollectorRegistry.
 
-No dependency: the format is a few lines of text. Nothing here runs per byte: bytes are
-added when a connection ends (from the relay's Result), and the relay's live per-worker
-counters are read only when Prometheus scrapes.
+Per listener, the control plane counts each connection once: accepted, rejected, failed to
+connect, ended (bytes, close reason, MPTCP or fallback, subflows, duration). Nothing here
+runs per byte, and nothing reads the relay per connection: a collector reads its live
+counters (connections open per listener, per-worker load) only when Prometheus scrapes.
+prometheus-client's process and platform collectors add `process_open_fds`,
+`process_max_fds`, memory, CPU and `python_info`.
+
+Every per-connection series carries a `listener` label, the listener's name in the
+configuration; the other label values are fixed lists (close reasons, connect failures,
+directions) or the relay's worker index, so their number does not grow with traffic.
 """
 
 from __future__ import annotations
@@ -11,22 +17,39 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
+import platform
 import socket
 import time
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
+
+from mptcpproxy import __version__
+from mptcpproxy.metrics_http import start_metrics_server
 from mptcpproxy.relay._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
 
-CLOSE_REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED)  # how a relayed connection ends
+__all__ = ["CONNECT_FAILURES", "ListenerMetrics", "Metrics", "connect_failure_reason",
+           "start_metrics_server"]
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CLOSE_REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED)  # how a relayed connection ends
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "resolve", "other")
+RELOAD_RESULTS = ("success", "failure")
 SUBFLOW_BUCKETS = (1, 2, 3, 4, 5, 6, 8)  # subflows of one connection, the first included
-REQUEST_TIMEOUT = 5.0  # seconds a scraper may take to send its request
-MAX_REQUEST = 8192  # bytes of request line and headers
+DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 600, 3600, 86400)  # seconds, up to a day
 
 _UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
                 errno.EADDRNOTAVAIL}
@@ -47,18 +70,33 @@ def connect_failure_reason(exc: BaseException) -> str:
     return "other"
 
 
-class Metrics:
-    """Counters of one proxy process. Call from the event loop thread only."""
+class _Histogram:
+    """Counts per bucket of one series; cumulated only when scraped."""
 
-    def __init__(self, active: Callable[[], int] | None = None,
-                 worker_stats: Callable[[], Sequence[WorkerStats]] | None = None) -> None:
-        # Both are read at scrape time, from the control plane's own state, so they cannot
-        # drift: `active` counts connections connecting upstream or relayed, `worker_stats`
-        # is Relay.stats. A series whose source is None is left out.
-        self.active = active
-        self.worker_stats = worker_stats
-        self.start_time = time.time()
-        self.accepted = 0
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value on a bound is in it
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        # `le` as Prometheus 3 normalises it ("1.0", not "1"): the same series in 2 and 3
+        cumulated, out = 0, []
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulated += n
+            out.append((floatToGoString(bound), cumulated))
+        return out
+
+
+class ListenerMetrics:
+    """The counters of one listener. Call from the event loop thread only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.accepted = 0  # by the control plane; the relay's own accepts are read live
         self.accept_errors = 0
         self.rejected = 0  # over --max-connections
         self.closed: Counter[str] = Counter()  # by Result.reason
@@ -66,17 +104,11 @@ class Metrics:
         self.client_to_upstream = 0
         self.upstream_to_client = 0
         self.mptcp_leg: Counter[str] = Counter()  # "mptcp" / "fallback"
-        self.subflows: Counter[int] = Counter()  # connections by subflow count (MPTCP only)
-        self.reloads: Counter[str] = Counter()  # configuration reloads by result
-
-    # -- the control plane's calls, once per event --------------------------------------------
+        self.subflows = _Histogram(SUBFLOW_BUCKETS)  # MPTCP connections only
+        self.duration = _Histogram(DURATION_BUCKETS)
 
     def connection_accepted(self) -> None:
         self.accepted += 1
-
-    def config_reload(self, result: str) -> None:
-        """A reload of the configuration file: result "success" or "failure"."""
-        self.reloads[result] += 1
 
     def accept_error(self) -> None:
         self.accept_errors += 1
@@ -86,7 +118,8 @@ class Metrics:
         self.rejected += 1
 
     def connect_failed(self, reason: str) -> None:
-        """An accepted connection dropped because its upstream could not be reached."""
+        """An accepted connection dropped because its upstream could not be reached;
+        `reason` is one of CONNECT_FAILURES (anything else counts as "other")."""
         self.connect_failures[reason if reason in CONNECT_FAILURES else "other"] += 1
 
     def relay_refused(self) -> None:
@@ -100,96 +133,228 @@ class Metrics:
         self.closed[result.reason] += 1
         self.client_to_upstream += result.bytes_ab
         self.upstream_to_client += result.bytes_ba
+        self.duration.observe(result.duration)
         if mptcp_leg:
             self.mptcp_leg["mptcp" if result.is_mptcp else "fallback"] += 1
             if result.is_mptcp:
-                self.subflows[result.subflows] += 1
+                self.subflows.observe(result.subflows)
 
-    # -- the exposition -----------------------------------------------------------------------
 
-    def render(self) -> str:
-        """The metrics in the Prometheus text exposition format 0.0.4."""
-        out: list[str] = []
+class Metrics:
+    """The metrics of one proxy process. Call from the event loop thread only (the
+    endpoint renders there too)."""
 
-        def family(name: str, kind: str, help_: str,
-                   samples: Iterable[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
+    def __init__(self, active: Callable[[], Mapping[str, int]] | Callable[[], int] | None = None,
+                 worker_stats: Callable[[], Sequence[WorkerStats]] | None = None, *,
+                 relay_accepted: Callable[[], Mapping[str, int]] | None = None,
+                 default_listener: str | None = None, engine: str | None = None) -> None:
+        # Read at scrape time only, from the control plane's own state, so they cannot
+        # drift. `active`: listener name -> connections open (connecting upstream or
+        # relayed); returning an int is the one-listener form, for the default listener.
+        # `worker_stats` is Relay.stats. `relay_accepted`: listener name -> connections the
+        # relay's workers accepted themselves (Relay.listen); without it, the one-listener
+        # form counts every worker's accepts for the default listener. `engine`: "c" or
+        # "py", else mptcpproxy.relay.ENGINE. A series whose source is None is left out.
+        self.active = active
+        self.worker_stats = worker_stats
+        self.relay_accepted = relay_accepted
+        self.default_listener = default_listener
+        self.engine = engine
+        self.start_time = time.time()
+        self.reloads: Counter[str] = Counter()
+        self._listeners: dict[str, ListenerMetrics] = {}
+        if default_listener is not None:
+            self.listener(default_listener)
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
-        family("mptcpproxy_start_time_seconds", "gauge",
-               "Start time of the process since the Unix epoch.", [("", self.start_time)])
-        live = self._read_live()
-        # Accepted by the relay workers themselves (the fast path) count live, from their stats.
-        accepted = self.accepted + sum(w.accepted for w in live[1]) if live else self.accepted
-        family("mptcpproxy_connections_accepted_total", "counter",
-               "Connections accepted from clients.", [("", accepted)])
-        family("mptcpproxy_connections_closed_total", "counter",
-               "Relayed connections that ended, by how they ended.",
-               [(_labels(reason=r), self.closed[r]) for r in _keys(CLOSE_REASONS, self.closed)])
-        family("mptcpproxy_connections_rejected_total", "counter",
-               "Connections closed at once because --max-connections was reached.",
-               [("", self.rejected)])
-        family("mptcpproxy_accept_errors_total", "counter",
-               "accept() calls on the listening socket that failed.", [("", self.accept_errors)])
-        family("mptcpproxy_upstream_connect_failures_total", "counter",
-               "Connections dropped because the upstream could not be reached, by reason.",
-               [(_labels(reason=r), self.connect_failures[r])
-                for r in _keys(CONNECT_FAILURES, self.connect_failures)])
-        family("mptcpproxy_bytes_total", "counter",
-               "Bytes relayed, by direction; added when a connection ends.",
-               [(_labels(direction="client_to_upstream"), self.client_to_upstream),
-                (_labels(direction="upstream_to_client"), self.upstream_to_client)])
-        family("mptcpproxy_mptcp_leg_connections_total", "counter",
-               "Ended connections whose MPTCP leg really used MPTCP, or fell back to TCP.",
-               [(_labels(result=r), self.mptcp_leg[r]) for r in ("mptcp", "fallback")])
-        self._render_subflows(family)
-        self._render_live(family, live)
-        return "\n".join(out) + "\n"
+    def listener(self, name: str) -> ListenerMetrics:
+        """The counters of listener `name`, made (every series at 0) on first use."""
+        found = self._listeners.get(name)
+        if found is None:
+            found = self._listeners[name] = ListenerMetrics(name)
+        return found
 
-    def _render_subflows(self, family: Callable[..., None]) -> None:
-        samples = []
-        for bound in SUBFLOW_BUCKETS:
-            count = sum(n for k, n in self.subflows.items() if k <= bound)
-            samples.append((_labels(le=str(bound)), count))
-        total = sum(self.subflows.values())
-        samples.append((_labels(le="+Inf"), total))
-        # the sample "labels" carry the _bucket/_sum/_count suffixes of the histogram
-        family("mptcpproxy_mptcp_subflows", "histogram",
-               "Most subflows each ended MPTCP connection had, the first included.",
-               [(f"_bucket{labels}", n) for labels, n in samples]
-               + [("_sum", sum(k * n for k, n in self.subflows.items())), ("_count", total)])
+    def forget_listener(self, name: str) -> None:
+        """Drop the series of a listener that is gone (removed by a reload and drained)."""
+        self._listeners.pop(name, None)
 
-    def _read_live(self) -> tuple[int | None, list[WorkerStats]] | None:
+    def config_reload(self, result: str) -> None:
+        """A reload of the configuration file ended: "success" or "failure"."""
+        if result not in RELOAD_RESULTS:
+            raise ValueError(f"a reload result is one of {RELOAD_RESULTS}, not {result!r}")
+        self.reloads[result] += 1
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+    # -- the one-listener form: the calls of ListenerMetrics, on the default listener ------
+
+    @property
+    def default(self) -> ListenerMetrics:
+        """The default listener's counters ("" when not named: no label for Prometheus)."""
+        return self.listener(self.default_listener or "")
+
+    @property
+    def closed(self) -> Counter[str]:
+        return self.default.closed
+
+    @property
+    def connect_failures(self) -> Counter[str]:
+        return self.default.connect_failures
+
+    def connection_accepted(self) -> None:
+        self.default.connection_accepted()
+
+    def accept_error(self) -> None:
+        self.default.accept_error()
+
+    def connection_rejected(self) -> None:
+        self.default.connection_rejected()
+
+    def connect_failed(self, reason: str) -> None:
+        self.default.connect_failed(reason)
+
+    def relay_refused(self) -> None:
+        self.default.relay_refused()
+
+    def connection_closed(self, result: Result, mptcp_leg: bool) -> None:
+        self.default.connection_closed(result, mptcp_leg)
+
+    # -- what the collector reads --------------------------------------------------------
+
+    def read_live(self) -> tuple[dict[str, int] | None, dict[str, int], list[WorkerStats]]:
+        """(open connections per listener or None, the relay's own accepts per listener,
+        the workers' stats); raises what the sources raise."""
+        active = self.active() if self.active else None
+        stats = list(self.worker_stats()) if self.worker_stats else []
+        accepted = dict(self.relay_accepted()) if self.relay_accepted else {}
+        if isinstance(active, int):  # the one-listener form
+            name = self.default.name
+            active = {name: active}
+            if self.relay_accepted is None:
+                accepted = {name: sum(_count(w.accepted) for w in stats)}
+        elif active is not None:
+            active = dict(active)
+        for name in (*(active or ()), *accepted):
+            self.listener(name)
+        return active, accepted, stats
+
+    def listeners(self) -> list[ListenerMetrics]:
+        return list(self._listeners.values())
+
+
+class _Collector:
+    """Turns the counters into metric families, when the registry is collected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        yield _gauge("mptcpproxy_start_time_seconds",
+                     "Start time of the process since the Unix epoch.", [((), m.start_time)])
+        yield _gauge("mptcpproxy_build_info", "The proxy's version, relay engine (c: "
+                     "compiled, py: pure Python) and Python version; always 1.",
+                     [((__version__, m.engine or _engine(), platform.python_version()), 1)],
+                     ("version", "engine", "python"))
+        yield _counter("mptcpproxy_config_reloads", "Reloads of the configuration file, by "
+                       "result.", [((r,), m.reloads[r]) for r in RELOAD_RESULTS], ("result",))
         try:
-            active = self.active() if self.active else None
-            stats = list(self.worker_stats()) if self.worker_stats else []
+            active, relay_accepted, stats = m.read_live()
         except Exception:  # a scrape must not take the proxy down; say why, per scrape
             log.exception("cannot read the live connection counts")
-            return None
-        return active, stats
+            active, relay_accepted, stats = None, {}, []
+        yield from _per_listener(m.listeners(), active, relay_accepted)
+        if stats:
+            yield from _per_worker(stats)
 
-    def _render_live(self, family: Callable[..., None],
-                     live: tuple[int | None, list[WorkerStats]] | None) -> None:
-        if live is None:
-            return
-        active, stats = live
-        if active is not None:
-            family("mptcpproxy_connections_active", "gauge",
-                   "Connections open now: connecting upstream or relayed.",
-                   [("", _count(active))])
-        if not stats:
-            return
-        for name, kind, field, help_ in (
-            ("mptcpproxy_worker_active_pairs", "gauge", "active", "Pairs a relay worker "
-             "holds now."),
-            ("mptcpproxy_worker_pairs_total", "counter", "pairs", "Pairs handed to a relay "
-             "worker."),
-            ("mptcpproxy_worker_bytes_total", "counter", "bytes", "Bytes a relay worker "
-             "moved, both directions, live."),
-        ):
-            family(name, kind, help_, [(_labels(worker=str(i)), _count(getattr(s, field)))
-                                       for i, s in enumerate(stats)])
+
+def _per_listener(listeners: list[ListenerMetrics], active: dict[str, int] | None,
+                  relay_accepted: dict[str, int]) -> Iterator[Metric]:
+    by = ("listener",)
+    yield _counter("mptcpproxy_connections_accepted", "Connections accepted from clients.",
+                   [((x.name,), x.accepted + _count(relay_accepted.get(x.name, 0)))
+                    for x in listeners], by)
+    yield _counter("mptcpproxy_connections_closed", "Relayed connections that ended, by how "
+                   "they ended.", _by_key(listeners, "closed", CLOSE_REASONS),
+                   ("listener", "reason"))
+    yield _counter("mptcpproxy_connections_rejected", "Connections closed at once because "
+                   "--max-connections was reached.", [((x.name,), x.rejected)
+                                                      for x in listeners], by)
+    yield _counter("mptcpproxy_accept_errors", "accept() calls on the listening socket that "
+                   "failed.", [((x.name,), x.accept_errors) for x in listeners], by)
+    yield _counter("mptcpproxy_upstream_connect_failures", "Connections dropped because the "
+                   "upstream could not be reached, by reason.",
+                   _by_key(listeners, "connect_failures", CONNECT_FAILURES),
+                   ("listener", "reason"))
+    yield _counter("mptcpproxy_bytes", "Bytes relayed, by direction; added when a connection "
+                   "ends.", [((x.name, d), getattr(x, d)) for x in listeners
+                             for d in ("client_to_upstream", "upstream_to_client")],
+                   ("listener", "direction"))
+    yield _counter("mptcpproxy_mptcp_leg_connections", "Ended connections whose MPTCP leg "
+                   "really used MPTCP, or fell back to TCP.",
+                   _by_key(listeners, "mptcp_leg", ("mptcp", "fallback")),
+                   ("listener", "result"))
+    for name, help_, attr in (
+        ("mptcpproxy_mptcp_subflows", "Most subflows each ended MPTCP connection had, the "
+         "first included.", "subflows"),
+        ("mptcpproxy_connection_duration_seconds", "How long each relayed connection lasted, "
+         "from its hand-over to the relay.", "duration"),
+    ):
+        family = HistogramMetricFamily(name, help_, labels=by)
+        for x in listeners:
+            histogram = getattr(x, attr)
+            family.add_metric([x.name], histogram.buckets(), histogram.sum)
+        yield family
+    if active is not None:
+        yield _gauge("mptcpproxy_connections_active", "Connections open now: connecting "
+                     "upstream or relayed.", [((x.name,), _count(active.get(x.name, 0)))
+                                              for x in listeners], by)
+
+
+def _per_worker(stats: list[WorkerStats]) -> Iterator[Metric]:
+    for name, make, field, help_ in (
+        ("mptcpproxy_worker_active_pairs", _gauge, "active", "Pairs a relay worker holds "
+         "now."),
+        ("mptcpproxy_worker_pairs", _counter, "pairs", "Pairs handed to a relay worker."),
+        ("mptcpproxy_worker_bytes", _counter, "bytes", "Bytes a relay worker moved, both "
+         "directions, live."),
+    ):
+        yield make(name, help_, [((str(i),), _count(getattr(s, field)))
+                                 for i, s in enumerate(stats)], ("worker",))
+
+
+Samples = Iterable[tuple[Sequence[str], float]]
+
+
+def _counter(name: str, help_: str, samples: Samples, labels: Sequence[str] = ()) -> Metric:
+    family = CounterMetricFamily(name, help_, labels=labels)  # writes name_total
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
+def _gauge(name: str, help_: str, samples: Samples, labels: Sequence[str] = ()) -> Metric:
+    family = GaugeMetricFamily(name, help_, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
+def _by_key(listeners: list[ListenerMetrics], attr: str,
+            known: Sequence[str]) -> list[tuple[tuple[str, str], int]]:
+    """Per listener, the known label values first (every series exists from the start),
+    then any other seen."""
+    out = []
+    for x in listeners:
+        seen: Counter[str] = getattr(x, attr)
+        keys = [*known, *sorted(k for k in seen if k not in known)]
+        out.extend(((x.name, k), seen[k]) for k in keys)
+    return out
 
 
 def _count(value: int) -> int:
@@ -198,60 +363,7 @@ def _count(value: int) -> int:
     return value if 0 <= value < 2**63 else 0
 
 
-def _keys(known: Iterable[str], seen: Counter[str]) -> list[str]:
-    """Known label values first (so every series exists from the start), then any other."""
-    known = list(known)
-    return known + sorted(k for k in seen if k not in known)
+def _engine() -> str:
+    from mptcpproxy.relay import ENGINE  # the engine loaded by now, when the proxy runs
 
-
-def _labels(**labels: str) -> str:
-    def escape(value: str) -> str:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-# -- the HTTP endpoint ------------------------------------------------------------------------
-
-async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asyncio.Server:
-    """Serve `GET /metrics` on host:port in the running loop; close() the server to stop.
-
-    Raises OSError when the address cannot be bound (port in use, address not local).
-    """
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await _serve(metrics, reader, writer)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError):
-            pass  # a scraper that went away or sent garbage: nothing to tell
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(serve, host, port, limit=MAX_REQUEST, reuse_address=True)
-
-
-async def _serve(metrics: Metrics, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-    words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-    headers = {}
-    if len(words) != 3 or not words[2].startswith("HTTP/"):
-        status, body = "400 Bad Request", "bad request\n"
-    elif words[0] not in ("GET", "HEAD"):
-        status, body = "405 Method Not Allowed", "use GET\n"
-        headers["Allow"] = "GET, HEAD"
-    elif words[1].split("?", 1)[0] != "/metrics":
-        status, body = "404 Not Found", "the metrics are at /metrics\n"
-    else:
-        status, body = "200 OK", metrics.render()
-        headers["Content-Type"] = CONTENT_TYPE
-    data = body.encode()
-    headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-    headers.update({"Content-Length": str(len(data)), "Connection": "close"})
-    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-    writer.write("\r\n".join(lines).encode("latin-1") + (data if words[:1] != ["HEAD"] else b""))
-    await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+    return ENGINE

@@ -22,7 +22,7 @@ import pytest
 from netns import wait_until
 from peers import reply_bytes
 from test_loopback import CLIENT, PEERS, SERVER, SERVICE, chain, stop_cleanly
-from test_metrics import samples
+from test_metrics import samples, value
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(60)]
 
@@ -43,7 +43,7 @@ def scrape(host, port: int) -> dict:
 
 
 def metric(got: dict, name: str, **labels: str) -> float:
-    return got[(name, tuple(sorted(labels.items())))]
+    return value(got, name, **labels)  # summed over the listeners unless one is given
 
 
 def wait_metric(host, port: int, name: str, value: float, **labels: str) -> dict:

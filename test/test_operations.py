@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from test_metrics import samples, value
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 15.0
 
@@ -87,16 +89,18 @@ def test_proxy_operations(tmp_path: Path) -> None:
     try:
         assert notify.recv(4096) == b"READY=1"
         assert roundtrip(port, b"x" * 100000) == b"x" * 100000
-        def closed_once() -> str | None:
-            text = scrape(mport)
-            return text if 'reason="closed"} 1' in text else None
+        def closed_once() -> dict | None:
+            got = samples(scrape(mport))
+            return got if value(got, "mptcpproxy_connections_closed_total",
+                                reason="closed") == 1 else None
 
-        text = wait_for(closed_once, "the closed connection in the metrics")
-        assert "mptcpproxy_connections_accepted_total 1" in text
-        assert 'mptcpproxy_bytes_total{direction="client_to_upstream"} 100000' in text
-        assert 'mptcpproxy_mptcp_leg_connections_total{result="mptcp"} 1' in text
-        assert 'mptcpproxy_worker_pairs_total{worker="1"}' in text
-        assert "mptcpproxy_connections_active 0" in text
+        got = wait_for(closed_once, "the closed connection in the metrics")
+        assert value(got, "mptcpproxy_connections_accepted_total") == 1
+        assert value(got, "mptcpproxy_bytes_total", direction="client_to_upstream") == 100000
+        assert value(got, "mptcpproxy_mptcp_leg_connections_total", result="mptcp") == 1
+        assert ("mptcpproxy_worker_pairs_total", (("worker", "1"),)) in got
+        assert value(got, "mptcpproxy_connections_active") == 0
+        assert got[("process_open_fds", ())] > 0
         # logrotate: rename, SIGHUP, the next line lands in a new file
         log.rename(tmp_path / "proxy.log.1")
         proc.send_signal(signal.SIGHUP)

@@ -1,0 +1,54 @@
+"""The `--metrics HOST:PORT` endpoint: `GET /metrics` served from the proxy's own event loop
+(no thread), in the format prometheus-client writes (CONTENT_TYPE_LATEST)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from mptcpproxy.metrics import Metrics
+
+REQUEST_TIMEOUT = 5.0  # seconds a scraper may take to send its request
+MAX_REQUEST = 8192  # bytes of request line and headers
+
+
+async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asyncio.Server:
+    """Serve `GET /metrics` on host:port in the running loop; close() the server to stop.
+
+    Raises OSError when the address cannot be bound (port in use, address not local).
+    """
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _serve(metrics, reader, writer)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            pass  # a scraper that went away or sent garbage: nothing to tell
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, host, port, limit=MAX_REQUEST, reuse_address=True)
+
+
+async def _serve(metrics: Metrics, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+    words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    headers = {}
+    if len(words) != 3 or not words[2].startswith("HTTP/"):
+        status, body = "400 Bad Request", b"bad request\n"
+    elif words[0] not in ("GET", "HEAD"):
+        status, body = "405 Method Not Allowed", b"use GET\n"
+        headers["Allow"] = "GET, HEAD"
+    elif words[1].split("?", 1)[0] != "/metrics":
+        status, body = "404 Not Found", b"the metrics are at /metrics\n"
+    else:
+        status, body = "200 OK", metrics.render()
+        headers["Content-Type"] = CONTENT_TYPE_LATEST
+    headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+    headers.update({"Content-Length": str(len(body)), "Connection": "close"})
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    writer.write("\r\n".join(lines).encode("latin-1") + (body if words[:1] != ["HEAD"] else b""))
+    await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
