@@ -148,7 +148,13 @@ class Config:
 
     @property
     def label(self) -> str:
-        """What names this listener in logs and metrics: its name, else its port."""
+        """What names this listener in logs and metrics (the `listener` label): its port.
+        (A [[listener]]'s `name` is for socket activation, logs and --check-config.)"""
+        return str(self.port)
+
+    @property
+    def title(self) -> str:
+        """What names this listener in log lines: its name, else its port."""
         return self.name or str(self.port)
 
     def with_name(self, name: str | None) -> Config:

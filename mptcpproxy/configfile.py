@@ -226,11 +226,11 @@ def load(path: str) -> Loaded:
                        f"(line {lines.key('listener', first, 'port')})")
         if name is not None:
             config = config.with_name(name)
-        if config.label in headers:
+        if config.title in headers:
             raise fail("listener", index, "name",
-                       f"'{config.label}' is already the name of listener "
-                       f"{headers[config.label] + 1}")
-        headers[config.label] = index
+                       f"'{config.title}' is already the name of listener "
+                       f"{headers[config.title] + 1}")
+        headers[config.title] = index
         configs.append(config)
     header_lines = {i: lines.tables.get(("listener", i), 0) for i in range(len(tables))}
     return Loaded(argparse.Namespace(**settings), tuple(configs), header_lines)
@@ -252,5 +252,5 @@ def describe(config: Config) -> str:
     if config.setup_firewall:
         details.append("setup_firewall")
     legs = ("MPTCP" if config.listen_mptcp else "TCP", "MPTCP" if config.upstream_mptcp else "TCP")
-    return (f"  {config.label}: {config.mode}, {where} ({legs[0]}) -> {target} over {legs[1]}; "
+    return (f"  {config.title}: {config.mode}, {where} ({legs[0]}) -> {target} over {legs[1]}; "
             + ", ".join(details))

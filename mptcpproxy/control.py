@@ -51,13 +51,29 @@ class Proxy:
         self.passed: list[sdlisten.Passed] = []  # sockets systemd passed
         self._last_warning: dict[str, float] = {}
         self._reloading: asyncio.Task | None = None
+        self._retired_timer: asyncio.TimerHandle | None = None
         self.cli_level: int | None = None  # -v/-q on the command line: a reload keeps it
         self.metrics = Metrics(
-            active=lambda: (self.relay.active if self.relay else 0) + sum(
-                len(lst.connecting) for lst in self.listeners.values()),
+            active=self._active_by_listener,
             worker_stats=lambda: self.relay.stats() if self.relay else [],
+            relay_accepted=self._accepted_by_listener,
         )
         self.metrics_server: asyncio.AbstractServer | None = None
+
+    def _active_by_listener(self) -> dict[str, int]:
+        # read at scrape time: connections being set up, or relayed, per listener label
+        out: dict[str, int] = {}
+        for lst in self.all_listeners:
+            out[lst.label] = out.get(lst.label, 0) + lst.open_count
+        return out
+
+    def _accepted_by_listener(self) -> dict[str, int]:
+        # the clients the relay workers accepted themselves (the fast path), per label
+        out: dict[str, int] = {}
+        if self.relay is not None:
+            for tag, lst in self.by_tag.items():
+                out[lst.label] = out.get(lst.label, 0) + self.relay.accepted(tag)
+        return out
 
     @property
     def config(self) -> Config:
@@ -117,13 +133,13 @@ class Proxy:
         prepared: list[Listener] = []
         try:
             for c in configs:
-                lst = Listener(c, self._free_tag(prepared), self.relay, self.metrics,
-                               self.conns)
+                lst = Listener(c, self._free_tag(prepared), self.relay,
+                               self.metrics.listener(c.label), self.conns)
                 prepared.append(lst)
                 try:
                     await lst.prepare(self.passed)
                 except ListenerError as exc:
-                    raise ListenerError(f"listener {c.label}: {exc}"
+                    raise ListenerError(f"listener {c.title}: {exc}"
                                         if len(self.configs) > 1 else str(exc)) from None
         except BaseException:
             for lst in prepared:
@@ -201,7 +217,8 @@ class Proxy:
                                 os.strerror(result.errno))
             else:
                 self._log_result(lst, result)
-        self._close_retired()
+        if self.retired and self._retired_timer is None:
+            self._close_retired()
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
         warn_once(self._last_warning, key, msg, *args)
@@ -231,13 +248,24 @@ class Proxy:
         connlog.log_end(r, conn)
 
     def _close_retired(self) -> None:
-        # A listener a reload removed closes once its last connection has ended.
+        # A listener a reload removed closes once its last connection has ended; one it
+        # replaced, as soon as the workers let go of it (after a sweep of its backlog).
+        # Polled while any is left (no Result may come to call it).
+        self._retired_timer = None
         for lst in list(self.retired):
-            if lst.open_count == 0 and not lst.held_by_workers:
+            if (lst.listener is not None and not lst.held_by_workers
+                    and (lst.handing_over or lst.open_count == 0)):
+                if lst.handing_over:
+                    lst.sweep()
                 lst.close()
+                log.info("listener %s: %s", lst.title, "handed over to its new socket"
+                         if lst.handing_over else "closed, its last connection ended")
+            if lst.listener is None and lst.open_count == 0:
                 self.retired.remove(lst)
                 self.by_tag.pop(lst.tag, None)
-                log.info("listener %s: closed, its last connection ended", lst.label)
+        if self.retired and not self.stopping.is_set():
+            self._retired_timer = asyncio.get_running_loop().call_later(
+                0.02, self._close_retired)
 
     # -- serve and stop -------------------------------------------------------------------
 
@@ -269,6 +297,9 @@ class Proxy:
         self.stopping.set()
         if self._reloading is not None:
             self._reloading.cancel()
+        if self._retired_timer is not None:
+            self._retired_timer.cancel()
+            self._retired_timer = None
         for lst in self.all_listeners:
             lst.stop_accepting()
         await self._close_let_go(loop)
@@ -295,7 +326,7 @@ class Proxy:
         for lst in self.all_listeners:
             if lst.held_by_workers:
                 log.warning("a relay worker still polls listener %s: it is closed once the "
-                            "relay has stopped", lst.label)
+                            "relay has stopped", lst.title)
             else:
                 lst.close()
 

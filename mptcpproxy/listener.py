@@ -43,6 +43,7 @@ class Listener(Accepting):
         self.connecting: set[Attempt] = set()
         self.fast = False  # the relay workers accept and connect themselves
         self.draining = False  # removed by a reload: resets new connections, then closes
+        self.handing_over = False  # replaced by a reload: closes once the workers let go
         self.stopping = asyncio.Event()
         self.transparent: origdst.Transparent | None = None
         self.firewall = None  # firewall.Method with --setup-firewall
@@ -53,7 +54,13 @@ class Listener(Accepting):
 
     @property
     def label(self) -> str:
+        """Its `listener` label in the metrics (the port)."""
         return self.config.label
+
+    @property
+    def title(self) -> str:
+        """Its name in log lines (its name, else its port)."""
+        return self.config.title
 
     @property
     def open_count(self) -> int:
@@ -143,7 +150,7 @@ class Listener(Accepting):
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_accept)
         log.info(
             "listener %s: listening on %s (%s%s), forwarding to %s over %s",
-            self.label, sockets.peer_name(self.listener.getsockname()),
+            self.title, sockets.peer_name(self.listener.getsockname()),
             f"socket from systemd: {self.activated}, " if self.activated else "",
             "MPTCP" if cfg.listen_mptcp else "TCP",
             f"the original destination (-t {cfg.transparent}"
@@ -183,8 +190,9 @@ class Listener(Accepting):
 
     # -- stop -----------------------------------------------------------------------------
 
-    def stop_accepting(self) -> None:
-        """No new connection from now on; connections being set up are given up."""
+    def stop_accepting(self, cancel: bool = True) -> None:
+        """No new connection from now on; connections being set up are given up (with
+        `cancel`: the process stops) or go on (a reload)."""
         self.stopping.set()
         if self.listener is None:
             return
@@ -194,15 +202,34 @@ class Listener(Accepting):
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
         if self._resolving is not None:
             self._resolving.cancel()
-        for attempt in list(self.connecting):
-            attempt.cancel()
-        self.connecting.clear()
+        if cancel:
+            for attempt in list(self.connecting):
+                attempt.cancel()
+            self.connecting.clear()
+
+    def hand_over(self) -> None:
+        """Replaced by a reload: a new socket serves the port beside this one (SO_REUSEPORT).
+        This one stops accepting; once the workers let go, sweep() takes the clients still
+        queued on it and close() follows, so that none of them is reset."""
+        self.stop_accepting(cancel=False)
+        self.handing_over = True
+
+    def sweep(self) -> None:
+        """Accept what still waits in this socket's backlog and set it up as usual."""
+        while self.listener is not None:
+            try:
+                conn, addr = self.listener.accept()
+            except OSError:
+                return
+            self.metrics.connection_accepted()
+            conn.setblocking(False)
+            self._begin(conn, addr, None)
 
     def drain(self) -> None:
         """Removed by a reload: stop accepting, reset what arrives meanwhile (a backlog
         nobody serves would hold clients until the close), keep the socket for the joins
         of open MPTCP connections, close it once the last connection has ended."""
-        self.stop_accepting()
+        self.stop_accepting(cancel=False)
         self.draining = True
         if self.listener is not None:
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._reset_new)

@@ -55,8 +55,13 @@ async def reload(proxy) -> bool:
             lst.close()
             proxy.by_tag.pop(lst.tag, None)
         return _failed(proxy, str(exc))
-    for lst in [*removed, *(running[c.port] for c in replaced)]:
+    for lst in removed:
         _retire(proxy, lst)
+    for c in replaced:
+        old_listener = running.pop(c.port)
+        old_listener.restore_firewall()
+        old_listener.hand_over()
+        proxy.retired.append(old_listener)
     for lst in started:
         proxy.listeners[lst.config.port] = lst
         lst.start()
@@ -67,7 +72,8 @@ async def reload(proxy) -> bool:
     proxy.metrics.config_reload("success")
     log.info("reload: %s: %d listener(s); %d added, %d removed, %d replaced, %d changed",
              path, len(proxy.listeners), len(added), len(removed), len(replaced), len(changed))
-    proxy._close_retired()
+    if proxy._retired_timer is None:
+        proxy._close_retired()
     return True
 
 
@@ -83,7 +89,7 @@ def _retire(proxy, lst: Listener) -> None:
     lst.drain()
     proxy.retired.append(lst)
     if lst.open_count:
-        log.info("listener %s: removed; closing after its %d open connection(s)", lst.label,
+        log.info("listener %s: removed; closing after its %d open connection(s)", lst.title,
                  lst.open_count)
 
 

@@ -152,8 +152,8 @@ def test_connect_failures_collected_at_the_stop_are_failures(proxy_log) -> None:
     text = proxy_log.text
     assert text.count(f"upstream {upstream} failed: connection refused") == 2, text
     assert not re.search(r"conn \d+ failed", text), text
-    assert proxy.metrics.connect_failures["refused"] == 2
-    assert sum(proxy.metrics.closed.values()) == 0
+    assert only_listener(proxy).metrics.connect_failures["refused"] == 2
+    assert sum(only_listener(proxy).metrics.closed.values()) == 0
 
 
 def test_drain_keeps_the_listener_while_a_worker_has_it(watched, proxy_log) -> None:
@@ -220,5 +220,5 @@ def test_a_pair_the_relay_refuses_leaks_nothing(watched, proxy_log) -> None:
     assert proxy.conns == {}
     assert not only_listener(proxy).connecting
     assert "cannot be relayed: cannot allocate memory" in proxy_log.text, proxy_log.text
-    assert proxy.metrics.closed["error"] == 1
+    assert only_listener(proxy).metrics.closed["error"] == 1
     assert "Traceback" not in proxy_log.text

@@ -161,3 +161,4 @@ cdef struct WorkerState:
     uint64_t accepted
     uint64_t accept_errors
     int64_t *open_by_tag  # pairs open per listener tag (MAX_TAGS entries), atomic
+    int64_t *accepted_by_tag  # clients this worker accepted per listener tag, atomic

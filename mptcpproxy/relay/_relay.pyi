@@ -49,6 +49,8 @@ class Relay:
     @property
     def listening(self) -> bool:
         """Whether any worker still holds any listener."""
+    def accepted(self, tag: int) -> int:
+        """Clients the workers accepted themselves (Relay.listen) for listeners of this tag."""
     def open_pairs(self, tag: int) -> int:
         """Pairs open now that were added or accepted with this tag."""
     def collect(self) -> list[Result]:

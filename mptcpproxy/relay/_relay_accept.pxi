@@ -97,6 +97,7 @@ cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
                 return
             continue  # ECONNABORTED and the like: that client is gone already
         w.accepted += 1
+        c.__atomic_fetch_add_i64(&w.accepted_by_tag[cfg.tag], 1, c.__ATOMIC_RELAXED)
         p = <Pair *>calloc(1, sizeof(Pair))
         if p == NULL:
             c.close(cfd)

@@ -36,8 +36,10 @@ cdef class _Worker:
         self.w.done = <Done *>malloc(self.w.done_cap * sizeof(Done))
         self.w.spare = <Done *>malloc(self.w.spare_cap * sizeof(Done))
         self.w.open_by_tag = <int64_t *>calloc(MAX_TAGS, sizeof(int64_t))
+        self.w.accepted_by_tag = <int64_t *>calloc(MAX_TAGS, sizeof(int64_t))
         if (self.w.scratch == NULL or self.w.pool == NULL or self.w.done == NULL
-                or self.w.spare == NULL or self.w.open_by_tag == NULL):
+                or self.w.spare == NULL or self.w.open_by_tag == NULL
+                or self.w.accepted_by_tag == NULL):
             raise MemoryError()
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay", daemon=True)
         self.thread.start()
@@ -168,6 +170,7 @@ cdef class _Worker:
         free(self.w.done)
         free(self.w.spare)
         free(self.w.open_by_tag)
+        free(self.w.accepted_by_tag)
         c.pthread_mutex_destroy(&self.w.lock)
         c.pthread_mutex_destroy(&self.w.out_lock)
 
@@ -315,6 +318,12 @@ cdef class Relay:
     def listening(self):
         cdef _Worker w
         return any([w.holds(-1) for w in self._workers])
+
+    def accepted(self, tag):
+        cdef _Worker w
+        cdef uint32_t t = _check_tag(tag)
+        return sum([c.__atomic_load_i64(&w.w.accepted_by_tag[t], c.__ATOMIC_ACQUIRE)
+                    for w in self._workers])
 
     def open_pairs(self, tag):
         cdef _Worker w

@@ -66,6 +66,7 @@ class _Worker(Pump, Accept):
         self.paused = False  # a wanted listener is out of the epoll set for now
         self.held: set[_Pair] = set()  # accepted clients waiting for an fd for their upstream
         self.open_by_tag: dict[int, int] = {}  # pairs open per listener tag
+        self.accepted_by_tag: dict[int, int] = {}  # clients this worker accepted, per tag
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mptcpproxy-relay-py", daemon=True)
         self.thread.start()
@@ -380,6 +381,10 @@ class Relay:
     @property
     def listening(self) -> bool:
         return any(w.holds(None) for w in self._workers)
+
+    def accepted(self, tag: int) -> int:
+        _check_tag(tag)
+        return sum(w.accepted_by_tag.get(tag, 0) for w in self._workers)
 
     def open_pairs(self, tag: int) -> int:
         _check_tag(tag)

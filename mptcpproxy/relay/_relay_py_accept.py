@@ -60,6 +60,7 @@ class Accept:
     lock: threading.Lock
     listeners: dict[int, _Listen]  # fd -> entry
     held: set[_Pair]  # accepted clients waiting for an fd for their upstream
+    accepted_by_tag: dict[int, int]
 
     # -- the control thread's side (under the lock) ---------------------------------------
 
@@ -131,6 +132,7 @@ class Accept:
                     return
                 continue  # ECONNABORTED and the like: that client is gone already
             self.accepted += 1
+            self.accepted_by_tag[cfg.tag] = self.accepted_by_tag.get(cfg.tag, 0) + 1
             client.setblocking(False)
             pair = _Pair([client, None], next(_ids), cfg.mptcp_side, addr[:2], cfg.tag,
                          cfg.idle, cfg.splice, cfg.connect_timeout)
