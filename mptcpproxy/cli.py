@@ -117,6 +117,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_zero(text: str) -> float:
+    """0 (off), or seconds as _seconds takes them."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _seconds(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The one parser of `mptcp-proxy`, also used to generate the man page."""
     parser = _Parser(
@@ -202,8 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--drain-timeout", type=_seconds, default=30.0, metavar="SECONDS",
-        help="on SIGTERM/SIGINT stop accepting at once and let open connections finish "
-             f"for this long, then close them ({SECONDS_RANGE}; default: 30)",
+        help="on SIGTERM/SIGINT stop accepting (after --stop-grace) and let open "
+             "connections finish for this long, then close them; meanwhile the listener stays "
+             "open for their MPTCP joins and resets new connections, unless another process "
+             f"serves the port ({SECONDS_RANGE}; default: 30)",
+    )
+    parser.add_argument(
+        "--stop-grace", type=_seconds_or_zero, default=0.0, metavar="SECONDS",
+        help="after SIGTERM/SIGINT keep accepting new connections for this long while "
+             "/ready (with --metrics) answers 503, so that a load balancer's health check "
+             "takes this proxy out first; then drain (0 or "
+             f"{SECONDS_RANGE}; default: 0)",
     )
     parser.add_argument(
         "--buffer-size", type=_buffer_kib, default=512, metavar="KIB",
@@ -281,6 +300,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
+        stop_grace=args.stop_grace,
         max_connections=args.max_connections,
         buffer_size=args.buffer_size * 1024,
         splice=args.splice,

@@ -133,6 +133,7 @@ class Config:
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0  # 0: never close idle connections
     drain_timeout: float = 30.0
+    stop_grace: float = 0.0  # seconds of accepting on after the stop signal (/ready: 503)
     max_connections: int = 0  # 0: no limit
     buffer_size: int = 512 * 1024  # bytes a relay read takes, and the most kept per direction
     splice: bool = False  # bulk transfers go through a pipe with splice()

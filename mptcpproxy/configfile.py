@@ -32,7 +32,7 @@ except ImportError:  # Python 3.10
 
 # Settings of the whole process: one relay, one metrics server, one log.
 GLOBAL_KEYS = frozenset({
-    "workers", "buffer_size", "busy_poll", "drain_timeout", "metrics", "log_file",
+    "workers", "buffer_size", "busy_poll", "drain_timeout", "stop_grace", "metrics", "log_file",
     "log_format", "verbose", "quiet",
 })
 # Options that are commands or belong to the command line alone.
@@ -123,7 +123,7 @@ def _convert(action: argparse.Action, value: object) -> object:
     if action.nargs == "?" and isinstance(value, bool):  # -t: true is the bare flag
         return action.const if value else None
     kind = getattr(action.type, "__name__", "") if action.type is not None else ""
-    if kind in _WHOLE or kind == "_seconds":
+    if kind in _WHOLE or kind in ("_seconds", "_seconds_or_zero"):
         whole = kind in _WHOLE
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             raise ConfigError(f"must be {'a whole number' if whole else 'a number of seconds'}"
@@ -218,8 +218,7 @@ def load(path: str) -> Loaded:
         except ConfigError as exc:
             raise ConfigError(f"{path}:{lines.tables.get(('listener', index), 0)}: "
                               f"listener {index + 1} (port {values['port']}): {exc}") from None
-        first = next((i for i, c in enumerate(configs) if c.port == config.port and (
-            c.bind is None or config.bind is None or c.bind == config.bind)), None)
+        first = next((i for i, c in enumerate(configs) if c.port == config.port), None)
         if first is not None:
             raise fail("listener", index, "port",
                        f"port {config.port} is already the port of listener {first + 1} "
@@ -247,6 +246,9 @@ def describe(config: Config) -> str:
     for key in ("max_connections", "mark"):
         if getattr(config, key):
             details.append(f"{key} {getattr(config, key)}")
+    if config.intercept:
+        details.append("intercept " + ",".join(
+            str(a) if a == b else f"{a}-{b}" for a, b in config.intercept))
     if config.splice:
         details.append("splice")
     if config.setup_firewall:

@@ -52,6 +52,7 @@ class Proxy:
         self._last_warning: dict[str, float] = {}
         self._reloading: asyncio.Task | None = None
         self._retired_timer: asyncio.TimerHandle | None = None
+        self._collects = 0  # collect() calls so far (see _close_retired)
         self.cli_level: int | None = None  # -v/-q on the command line: a reload keeps it
         self.metrics = Metrics(
             active=self._active_by_listener,
@@ -181,7 +182,7 @@ class Proxy:
         if self.stopping.is_set():
             self.hurry = True
             log.info("second stop signal: closing the open connections now")
-        self.stopping.set()
+        self.stopping.set()  # /ready says 503 from now on
 
     def _on_hangup(self) -> None:
         # systemctl reload and logrotate's postrotate: never fatal (docs/design.md).
@@ -205,6 +206,7 @@ class Proxy:
     def _on_results(self) -> None:
         # Every collect goes through here, the drain's last one too: a connect failure is
         # never reported as a closed connection, an accept error never dropped.
+        self._collects += 1
         for result in self.relay.collect():
             lst = self.by_tag.get(result.tag)
             if lst is None:
@@ -249,30 +251,44 @@ class Proxy:
 
     def _close_retired(self) -> None:
         # A listener a reload removed closes once its last connection has ended; one it
-        # replaced, as soon as the workers let go of it (after a sweep of its backlog).
-        # Polled while any is left (no Result may come to call it).
+        # replaced, as soon as the workers let go of it (after a sweep of its backlog). It
+        # is forgotten (its tag free again) only after a collect that followed: its pairs'
+        # Results are all in by then. Polled while any is left.
         self._retired_timer = None
         for lst in list(self.retired):
             if (lst.listener is not None and not lst.held_by_workers
                     and (lst.handing_over or lst.open_count == 0)):
-                if lst.handing_over:
+                if lst.handing_over and lst.sweep_on_close:
                     lst.sweep()
                 lst.close()
                 log.info("listener %s: %s", lst.title, "handed over to its new socket"
                          if lst.handing_over else "closed, its last connection ended")
-            if lst.listener is None and lst.open_count == 0:
-                self.retired.remove(lst)
-                self.by_tag.pop(lst.tag, None)
+            if lst.listener is None and lst.open_count == 0 and not self.stopping.is_set():
+                if lst.gone_at is None:
+                    lst.gone_at = self._collects
+                elif self._collects > lst.gone_at:
+                    self.retired.remove(lst)
+                    self.by_tag.pop(lst.tag, None)
         if self.retired and not self.stopping.is_set():
             self._retired_timer = asyncio.get_running_loop().call_later(
-                0.02, self._close_retired)
+                0.02, self._poll_retired)
+
+    def _poll_retired(self) -> None:
+        self._retired_timer = None
+        self._on_results()
 
     # -- serve and stop -------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """For /ready: serving, and no stop signal yet."""
+        return self.stopping is not None and not self.stopping.is_set()
 
     async def serve(self) -> None:
         try:
             await self.start()
             await self._until_stopped()
+            await self._grace()
             await self.drain()
         finally:
             _ignore_signals(asyncio.get_running_loop())
@@ -290,8 +306,26 @@ class Proxy:
             for lst in self.all_listeners:
                 lst.restore_firewall()  # before the drain: new connections bypass the proxy
 
+    async def _grace(self) -> None:
+        # --stop-grace: /ready already says 503; go on accepting while a load balancer's
+        # health check takes this backend out, unless a second signal cuts it short.
+        grace = self.config.stop_grace
+        if grace <= 0 or self.hurry:
+            return
+        sd_notify("STOPPING=1")
+        log.info("stopping: accepting for %g s more (--stop-grace), then draining", grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        while not self.hurry and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def drain(self) -> None:
-        """Stop accepting at once; let open pairs finish for drain_timeout, then abort them."""
+        """Stop accepting; let open pairs finish for drain_timeout, then abort them.
+
+        A listener whose port another socket serves (a new process started beside this one,
+        or systemd's copy of an activated socket) hands over: it closes as soon as the
+        workers let go (after taking what is queued on it, unless systemd keeps that).
+        Otherwise it stays open while the pairs drain, so that MPTCP joins of draining
+        connections still arrive, and resets new connections at once."""
         loop = asyncio.get_running_loop()
         sd_notify("STOPPING=1")
         self.stopping.set()
@@ -300,15 +334,33 @@ class Proxy:
         if self._retired_timer is not None:
             self._retired_timer.cancel()
             self._retired_timer = None
-        for lst in self.all_listeners:
-            lst.stop_accepting()
-        await self._close_let_go(loop)
-        deadline = loop.time() + self.config.drain_timeout
+        for lst in list(self.listeners.values()):
+            if lst.listener is None:
+                continue
+            if lst.activated or sockets.other_listeners(lst.listener):
+                lst.hand_over(sweep=lst.activated is None)
+            else:
+                lst.drain()
+            self.retired.append(lst)
+        self.listeners.clear()
+        start = loop.time()
+        deadline = start + self.config.drain_timeout
         if self.relay.active:
             log.info("draining %d open connection(s), for %.0f s at most",
                      self.relay.active, self.config.drain_timeout)
-        while self.relay.active and loop.time() < deadline and not self.hurry:
-            await asyncio.sleep(0.05)
+        while loop.time() < deadline and not self.hurry:
+            self._close_retired()
+            held = any(lst.held_by_workers for lst in self.retired)
+            if not self.relay.active and (not held or loop.time() - start > 2.0):
+                break
+            await asyncio.sleep(0.02)
+        if self._retired_timer is not None:
+            self._retired_timer.cancel()
+            self._retired_timer = None
+        for lst in self.retired:
+            if lst.held_by_workers:
+                log.warning("a relay worker still polls listener %s: it is closed once the "
+                            "relay has stopped", lst.title)
         loop.remove_reader(self.relay.notify_fd)
         self.relay.close()  # which also takes every listener out of the workers' epoll sets
         self._on_results()
@@ -316,19 +368,6 @@ class Proxy:
         if self.metrics_server is not None:
             self.metrics_server.close()
         log.info("stopped")
-
-    async def _close_let_go(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A listener is the control plane's: it is closed only once no worker polls it
-        # (docs/design.md, ownership), else its fd number could be reused under a worker.
-        deadline = loop.time() + 2.0
-        while any(lst.held_by_workers for lst in self.all_listeners) and loop.time() < deadline:
-            await asyncio.sleep(0.002)
-        for lst in self.all_listeners:
-            if lst.held_by_workers:
-                log.warning("a relay worker still polls listener %s: it is closed once the "
-                            "relay has stopped", lst.title)
-            else:
-                lst.close()
 
     def close_listeners(self) -> None:
         """Close every listener's socket; call after relay.close()."""

@@ -43,7 +43,9 @@ class Listener(Accepting):
         self.connecting: set[Attempt] = set()
         self.fast = False  # the relay workers accept and connect themselves
         self.draining = False  # removed by a reload: resets new connections, then closes
-        self.handing_over = False  # replaced by a reload: closes once the workers let go
+        self.handing_over = False  # another socket serves the port: close once let go
+        self.sweep_on_close = True
+        self.gone_at: int | None = None  # Proxy._collects when it was closed and empty
         self.stopping = asyncio.Event()
         self.transparent: origdst.Transparent | None = None
         self.firewall = None  # firewall.Method with --setup-firewall
@@ -207,12 +209,15 @@ class Listener(Accepting):
                 attempt.cancel()
             self.connecting.clear()
 
-    def hand_over(self) -> None:
-        """Replaced by a reload: a new socket serves the port beside this one (SO_REUSEPORT).
-        This one stops accepting; once the workers let go, sweep() takes the clients still
-        queued on it and close() follows, so that none of them is reset."""
+    def hand_over(self, sweep: bool = True) -> None:
+        """Another socket serves the port (a reload's replacement or a new process beside
+        this one, SO_REUSEPORT; or systemd's copy of an activated socket). This one stops
+        accepting; once the workers let go, sweep() takes the clients still queued on it
+        (unless systemd keeps them for the next process) and close() follows, so that none
+        of them is reset."""
         self.stop_accepting(cancel=False)
         self.handing_over = True
+        self.sweep_on_close = sweep
 
     def sweep(self) -> None:
         """Accept what still waits in this socket's backlog and set it up as usual."""

@@ -83,7 +83,8 @@ def _binds(passed: Passed, config: Config) -> bool:
 def match(passed: list[Passed], config: Config) -> Passed | None:
     """The passed socket for this listener (by name, else by address), checked to be of
     the protocol it needs; None when systemd passed none for it."""
-    chosen = next((p for p in passed if not p.used and p.name == config.name), None)
+    chosen = next((p for p in passed if not p.used and p.name == config.name
+                   and p.sock.getsockname()[1] == config.port), None)
     if chosen is None:
         chosen = next((p for p in passed if not p.used and _binds(p, config)), None)
     if chosen is None:

@@ -103,6 +103,27 @@ def _listen(
     return sock
 
 
+def other_listeners(sock: socket.socket) -> int:
+    """How many listening sockets of this network namespace share `sock`'s port, itself not
+    counted: a successor started beside it (SO_REUSEPORT) shows here. MPTCP listeners are
+    listed too (their TCP subflow carries the socket's inode)."""
+    port = f":{sock.getsockname()[1]:04X}"
+    own = os.fstat(sock.fileno()).st_ino
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[1].endswith(port) and cols[3] == "0A" and (
+                    cols[9] not in ("0", str(own))):
+                count += 1
+    return count
+
+
 def set_transparent(sock: socket.socket) -> None:
     """IP_TRANSPARENT / IPV6_TRANSPARENT: TPROXY hands this listener connections for
     addresses that are not ours (needs CAP_NET_ADMIN; raises OSError)."""

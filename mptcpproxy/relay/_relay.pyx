@@ -138,9 +138,9 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     w.graveyard = p
     # Read by the control thread (active = total - finished): published with release order.
     c.__atomic_store_n(&w.finished, w.finished + 1, c.__ATOMIC_RELEASE)
-    count_open(w, p.tag, -1)
     d = put_done(w, reason, err)
     if d == NULL:
+        count_open(w, p.tag, -1)
         return  # the pair is closed; only its report is lost under memory exhaustion
     d.conn_id = p.conn_id
     d.tag = p.tag
@@ -153,6 +153,9 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     d.client_port = p.client_port
     memcpy(d.client_addr, p.client_addr, 16)
     c.pthread_mutex_unlock(&w.out_lock)
+    # After its report is in the outbox: once open_pairs(tag) reads 0, the next collect()
+    # has every Result of that tag (the control plane forgets a retired listener then).
+    count_open(w, p.tag, -1)
 
 
 cdef Done *put_done(WorkerState *w, int reason, int err) noexcept nogil:

@@ -245,11 +245,11 @@ class _Worker(Pump, Accept):
         self._end_splice(pair, 0, 0)
         self._end_splice(pair, 1, 0)
         self.finished += 1
-        self.count_open(pair.tag, -1)
         self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
             reason, err, pair.is_mptcp, pair.subflows, pair.client, pair.tag,
         ))
+        self.count_open(pair.tag, -1)  # after the report (see _relay.pyx)
 
     def _bury(self) -> None:
         graveyard, self.graveyard = self.graveyard, []
