@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,29 @@ def test_page_example_configuration_is_valid(page: Path, tmp_path: Path) -> None
     proc = _cli("--config", str(path), "--check-config")
     assert proc.returncode == 0, proc.stderr
     assert "valid; 2 listeners:" in proc.stdout
+
+
+# -- make install ------------------------------------------------------------------------------
+
+def test_make_install_into_a_prefix(tmp_path: Path) -> None:
+    """`make install` (README, Installing) builds a wheel with the venv running the tests and
+    installs it into its own virtualenv: here PREFIX is a scratch directory, not /opt."""
+    make = shutil.which("make") or _missing("'make'")
+    venv = Path(sys.prefix)
+    prefix = tmp_path / "opt"
+    proc = subprocess.run(
+        # -o: the venv running the tests stays as it is (no `make venv` into it)
+        [make, "-C", str(REPO), "-o", f"{venv}/.stamp", "install", f"VENV={venv}",
+         f"PREFIX={prefix}", f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from mptcpproxy import __version__
+
+    version = subprocess.run([prefix / "bin" / "mptcp-proxy", "--version"], cwd="/",
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert version.stdout.strip() == f"mptcp-proxy {__version__}", version.stderr
+    assert (prefix / "share" / "man" / "man1" / "mptcp-proxy.1").is_file()
+    relay = subprocess.run(
+        [prefix / "bin" / "python", "-c", "import mptcpproxy.relay._relay as r; print(r.__file__)"],
+        cwd="/", capture_output=True, text=True, timeout=TIMEOUT)
+    assert relay.stdout.startswith(f"{prefix}/lib/"), relay.stdout + relay.stderr
