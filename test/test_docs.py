@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,88 @@ def test_page_example_configuration_is_valid(page: Path, tmp_path: Path) -> None
     proc = _cli("--config", str(path), "--check-config")
     assert proc.returncode == 0, proc.stderr
     assert "valid; 2 listeners:" in proc.stdout
+
+
+# -- the configuration examples ---------------------------------------------------------------
+
+def _blocks(path: Path, lang: str = "") -> list[str]:
+    """The fenced code blocks of a Markdown file (with `lang`: only those of that language)."""
+    return [textwrap.dedent(m[2]) for m in re.finditer(r"^ *```(\w*)\n(.*?)^ *```$",
+                                                       path.read_text(), re.M | re.S)
+            if not lang or m[1] == lang]
+
+
+def test_readme_configuration_file_is_valid_and_prints_what_readme_shows(tmp_path: Path):
+    (example,) = _blocks(README, "toml")
+    (shown,) = [b for b in _blocks(README) if b.startswith("$ mptcp-proxy --config ")]
+    command, _, output = shown.partition("\n")
+    documented = command.split()[3]  # $ mptcp-proxy --config PATH --check-config
+    assert command == f"$ mptcp-proxy --config {documented} --check-config"
+    path = tmp_path / "gw.toml"
+    path.write_text(example)
+    proc = _cli("--config", str(path), "--check-config")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.replace(str(path), documented) == output
+    # a gateway with three ports, one of them transparent
+    listeners = output.splitlines()[1:]
+    assert len(listeners) == 3 and sum("the original destination" in li for li in listeners) == 1
+
+
+def test_operating_guide_example_and_its_mistake(tmp_path: Path) -> None:
+    examples = _blocks(OPERATING, "toml")
+    assert examples
+    for example in examples:
+        path = tmp_path / "edge.toml"
+        path.write_text(example)
+        proc = _cli("--config", str(path), "--check-config")
+        assert proc.returncode == 0, proc.stderr
+    # the mistake the guide shows is what the proxy says about that line of the first one
+    (shown,) = [b for b in _blocks(OPERATING) if b.startswith("$ mptcp-proxy --config edge.toml")]
+    command, message = shown.splitlines()
+    key = re.search(r"edge\.toml:\d+: (\w+): (\S+) ", message)
+    (tmp_path / "edge.toml").write_text(
+        re.sub(rf"^{key[1]} = \S+", f"{key[1]} = {key[2]}", examples[0], count=1, flags=re.M))
+    proc = _cli(*command.split()[2:], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+
+
+# -- README on a package index page --------------------------------------------------------------
+
+HOME = "https://github.com/mptcpproxy/mptcpproxy"
+
+
+def _slugs(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```$", "", markdown, flags=re.M | re.S),
+                          re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_readme_links_are_absolute_and_lead_somewhere() -> None:
+    """PyPI shows README.md without the repository: a relative link (a file, or an anchor,
+    which PyPI's rendering does not give its headings) would lead nowhere."""
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)  # [text](target)
+    links += re.findall(r"^\s*\[[^\]]+\]:\s*(\S+)", text, re.M)  # [label]: target
+    links += re.findall(r"""(?:href|src)=["']([^"']+)""", text)  # HTML
+    assert links
+    relative = [link for link in links if not re.match(r"https?://", link)]
+    assert not relative, f"relative links in README.md: {relative}"
+    for link in links:
+        if not link.startswith(HOME):
+            continue
+        rest = link[len(HOME):]
+        path, _, anchor = rest.partition("#")
+        if path in ("", "/"):
+            target = README
+        else:
+            m = re.fullmatch(r"/(?:blob|tree)/main/(.+)", path)
+            assert m, f"{link}: not a file of the main branch"
+            target = REPO / m[1]
+            assert target.exists(), f"{link}: {m[1]} is not in the repository"
+        if anchor:
+            assert anchor in _slugs(target.read_text()), f"{link}: no such heading"
 
 
 # -- make install ------------------------------------------------------------------------------
