@@ -44,6 +44,30 @@ venv: $(VENV)/.stamp
 # the Cython extension, in place
 build: venv
 	$(PY) setup.py -q build_ext --inplace
+	@$(MAKE) --no-print-directory $(VENV)/bin/mptcp-proxy
+
+# .venv/bin/mptcp-proxy: this checkout installed in editable mode, so the command runs the
+# tree's code and its in-place extension; installed again only when the metadata changes
+$(VENV)/bin/mptcp-proxy: $(VENV)/.stamp pyproject.toml setup.py
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	cd / && "$(abspath $(VENV))/bin/mptcp-proxy" --version
+	cd / && "$(abspath $(PY))" -c 'import os, mptcpproxy.relay._relay as r; \
+		f = os.path.realpath(r.__file__); \
+		assert f.startswith(os.path.realpath("$(CURDIR)") + "/"), f"not the in-place build: {f}"'
+	touch $@
+
+# the virtualenv contrib/mptcp-proxy@.service runs, /opt/mptcp-proxy, with a wheel built
+# here (PREFIX=DIR for another place); again after an update: the installed copy is replaced
+PREFIX ?= /opt/mptcp-proxy
+.PHONY: install
+install: venv
+	rm -rf build/install
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps --wheel-dir build/install .
+	$(PYTHON) -m venv "$(PREFIX)"
+	"$(PREFIX)/bin/python" -m pip install -q --force-reinstall --no-deps build/install/mptcpproxy-*.whl
+	"$(PREFIX)/bin/python" -m pip install -q build/install/mptcpproxy-*.whl
+	"$(PREFIX)/bin/mptcp-proxy" --version
+	@echo "installed: $(PREFIX)/bin/mptcp-proxy, man page $(PREFIX)/share/man/man1/mptcp-proxy.1"
 
 debug: venv
 	MPTCPPROXY_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
