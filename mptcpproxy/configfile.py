@@ -39,6 +39,7 @@ GLOBAL_KEYS = frozenset({
 NOT_IN_FILE = frozenset({
     "help", "version", "check", "check_config", "config", "print_firewall", "connections",
 })
+MAX_LISTENERS = 128  # what the relay serves at once (Relay.listen)
 # Keys that only a [[listener]] table has.
 LISTENER_ONLY = frozenset({"name"})
 
@@ -188,6 +189,9 @@ def load(path: str) -> Loaded:
         raise fail("", 0, "listener", "write each listener as a [[listener]] table")
     if not tables:
         raise ConfigError(f"{path}: no [[listener]] table: the file must define at least one")
+    if len(tables) > MAX_LISTENERS:
+        raise ConfigError(f"{path}: {len(tables)} listeners: one process serves at most "
+                          f"{MAX_LISTENERS}")
     if settings.get("verbose") and settings.get("quiet"):
         raise fail("", 0, "quiet", "verbose and quiet cannot both be true")
     configs, headers = [], {}

@@ -79,6 +79,7 @@ cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
     cdef c.socklen_t sslen
     cdef int cfd, err, i, rc
     cdef Pair *p
+    cdef Done *d
     cdef ListenCfg *cfg = &l.cfg
     for i in range(ACCEPT_BATCH):
         if w.nheld > 0:  # the fds that come free go to the clients already held first
@@ -90,7 +91,9 @@ cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
             err = c.errno
             if err == c.EMFILE or err == c.ENFILE or err == c.ENOBUFS or err == c.ENOMEM:
                 pause_accepting(w, l)
-                if put_done(w, R_ACCEPT_ERROR, err) != NULL:
+                d = put_done(w, R_ACCEPT_ERROR, err)
+                if d != NULL:
+                    d.tag = cfg.tag  # counted for its listener
                     c.pthread_mutex_unlock(&w.out_lock)
                 return
             if err == c.EAGAIN:

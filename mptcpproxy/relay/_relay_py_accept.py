@@ -128,7 +128,8 @@ class Accept:
             except OSError as exc:
                 if exc.errno in OUT_OF_RESOURCES:
                     self._pause_accepting(entry, now)
-                    self._report(Result(0, 0, 0, 0.0, ACCEPT_ERROR, exc.errno, False, 0))
+                    self._report(Result(0, 0, 0, 0.0, ACCEPT_ERROR, exc.errno, False, 0,
+                                        None, cfg.tag))
                     return
                 continue  # ECONNABORTED and the like: that client is gone already
             self.accepted += 1
