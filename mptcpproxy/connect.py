@@ -50,12 +50,14 @@ class Attempt:
     called, unless `cancel()` comes first. When resolving or opening the upstream socket
     fails for want of fds or memory, `on_starved(attempt, exc)` is called (if given) and the
     attempt holds its client and tries again after RETRY_DELAY, within the same timeout.
+    `source`: the host to connect from, an address of another host (--source client);
+    `origin`: the caller's own record of the client (proxyhdr.Origin), carried along.
     """
 
     __slots__ = (
         "loop", "conn_id", "client", "addr", "target", "mptcp", "mark", "on_done", "on_fail",
         "on_starved", "upstream", "sockaddr", "_addresses", "_timer", "_task", "_retry",
-        "_error", "_writing",
+        "_error", "_writing", "source", "origin",
     )
 
     def __init__(
@@ -70,10 +72,14 @@ class Attempt:
         on_done: Callable[[Attempt], None],
         on_fail: Callable[[Attempt, BaseException], None],
         on_starved: Callable[[Attempt, OSError], None] | None = None,
+        *,
+        source: str | None = None,
+        origin: object = None,
     ) -> None:
         self.loop, self.conn_id, self.client, self.addr = loop, conn_id, client, addr
         self.target, self.mptcp, self.mark = target, mptcp, mark
         self.on_done, self.on_fail, self.on_starved = on_done, on_fail, on_starved
+        self.source, self.origin = source, origin
         self.upstream: socket.socket | None = None
         self.sockaddr: tuple = ()
         self._addresses: Iterator[tuple[int, tuple]] = iter(())
@@ -139,6 +145,13 @@ class Attempt:
                     return
                 self._error = exc
                 continue
+            if self.source is not None:
+                try:
+                    sockets.bind_transparent(sock, family, self.source)
+                except OSError as exc:  # another family, or no CAP_NET_ADMIN any more
+                    sock.close()
+                    self._error = exc
+                    continue
             err = sock.connect_ex(sockaddr)
             if err in (0, errno.EINPROGRESS):
                 self.upstream, self.sockaddr = sock, sockaddr

@@ -15,10 +15,14 @@ log = logging.getLogger("mptcpproxy")
 
 class Conn:
     # Addresses are kept as tuples and formatted only when the connection is logged.
-    __slots__ = ("client", "upstream", "mptcp_leg")
+    # `client` is the best known client: an accepted PROXY header's source, whose sender
+    # (the peer) is then `via`.
+    __slots__ = ("client", "upstream", "mptcp_leg", "via")
 
-    def __init__(self, client: tuple, upstream: tuple, mptcp_leg: bool) -> None:
+    def __init__(self, client: tuple, upstream: tuple, mptcp_leg: bool,
+                 via: tuple | None = None) -> None:
         self.client, self.upstream, self.mptcp_leg = client, upstream, mptcp_leg
+        self.via = via
 
 
 def reason(exc: BaseException) -> str:
@@ -45,10 +49,12 @@ def log_end(r: Result, conn: Conn) -> None:
     else:
         mptcp = "mptcp=no (fell back to TCP)"
     client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
+    via = sockets.peer_name(conn.via) if conn.via else None
     log.info(
-        "conn %d %s: client %s upstream %s sent %d B received %d B in %.3f s, %s",
-        r.conn_id, how, client, upstream, r.bytes_ab, r.bytes_ba, r.duration, mptcp,
-        extra={"event": "conn_end", "conn_id": r.conn_id, "client": client,
+        "conn %d %s: client %s%s upstream %s sent %d B received %d B in %.3f s, %s",
+        r.conn_id, how, client, f" via {via}" if via else "", upstream, r.bytes_ab,
+        r.bytes_ba, r.duration, mptcp,
+        extra={"event": "conn_end", "conn_id": r.conn_id, "client": client, "via": via,
                "upstream": upstream, "reason": r.reason, "errno": r.errno,
                "bytes_client_to_upstream": r.bytes_ab,
                "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),

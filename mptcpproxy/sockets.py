@@ -133,6 +133,17 @@ def set_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
+def bind_transparent(sock: socket.socket, family: int, host: str) -> None:
+    """Bind an upstream socket to `host`, an address of another host (--source client):
+    IP_TRANSPARENT / IPV6_TRANSPARENT (CAP_NET_ADMIN), port 0 so the kernel picks one.
+    Raises OSError, EAFNOSUPPORT when `host` is not of the socket's family."""
+    if (":" in host) != (family == socket.AF_INET6):
+        raise OSError(errno.EAFNOSUPPORT, f"the client's address {host} and the upstream "
+                      "address are of different IP versions")
+    set_transparent(sock)
+    sock.bind((host, 0))
+
+
 def set_nodelay(sock: socket.socket) -> None:
     # A relay must not add Nagle's delay on top of the application's own choice.
     try:
