@@ -4,7 +4,10 @@ Two methods, in the manner of sshuttle's: `Redirect` (nat REDIRECT; connections 
 other hosts in prerouting and, when the proxy's own connections can be told apart by
 --mark or by a non-root uid, local ones in output) and `Tproxy` (TPROXY in prerouting,
 plus `ip rule fwmark M lookup T` and `ip route add local default dev lo table T` for
-IPv4 and IPv6). Each has `is_supported()`, `setup_firewall()` and `restore_firewall()`;
+IPv4 and IPv6). `--source client` adds a `socket transparent` mark rule to either, with the
+same policy routing (`SourceClient` alone without -t): the service's replies to a client's
+address reach the proxy's transparent upstream socket.
+Each has `is_supported()`, `setup_firewall()` and `restore_firewall()`;
 every command is an argv list, run without a shell, and `restore_firewall()` removes
 exactly what `setup_firewall()` added.
 
@@ -55,7 +58,8 @@ class FirewallSpec:
     intercept: tuple[tuple[int, int], ...] = ()  # destination port ranges; (): all TCP
     mark: int = 0  # the proxy's own SO_MARK (0: none)
     uid: int | None = None  # the proxy's uid when not root: its sockets are skipped too
-    ipv6: bool = True  # also IPv6 policy routing (TPROXY)
+    ipv6: bool = True  # also IPv6 policy routing (TPROXY, --source client)
+    source_client: bool = False  # --source client: deliver replies to transparent sockets
 
     @property
     def table(self) -> str:
@@ -136,11 +140,23 @@ class Method:
         """(chain name, base chain header, rules), one statement per line."""
         raise NotImplementedError
 
+    def all_chains(self) -> list[tuple[str, str, list[str]]]:
+        """chains(), and the chain of --source client when it is on."""
+        if not self.spec.source_client:
+            return self.chains()
+        # The service's replies to a client's address, sent back to this host, belong to
+        # the proxy's transparent upstream socket: marked here, then routed to it locally
+        # by the policy routing (a SYN-ACK to a foreign address is dropped otherwise).
+        return [*self.chains(), (
+            "source_client", "type filter hook prerouting priority mangle; policy accept;",
+            [f"meta l4proto tcp socket transparent 1 meta mark set 0x{self.spec.tproxy_mark:x} "
+             "accept"])]
+
     def nft_rules(self) -> str:
         """The rule file for `nft -f -`: replaces our table, leftovers included."""
         table = f"inet {self.spec.table}"
         lines = [f"table {table}", f"delete table {table}", f"table {table} {{"]
-        for name, header, rules in self.chains():
+        for name, header, rules in self.all_chains():
             lines += [f"\tchain {name} {{", f"\t\t{header}"]
             lines += [f"\t\t{rule}" for rule in rules]
             lines.append("\t}")
@@ -149,7 +165,7 @@ class Method:
 
     def routing(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
         """(add command, delete command) pairs of the policy routing, in setup order."""
-        return []
+        return local_routing(self.spec) if self.spec.source_client else []
 
     def pairs(self) -> list[tuple[Step, Step]]:
         """(setup step, its undo), in setup order: routing first, then the rules."""
@@ -192,9 +208,9 @@ class Method:
     # -- apply --------------------------------------------------------------------------
 
     def _clear_leftovers(self) -> None:
-        # A crashed run may have left its TPROXY routing (whatever its method was): delete
+        # A crashed run may have left its policy routing (whatever its method was): delete
         # each until it fails, duplicates too. The table is replaced by the rule file.
-        for _, undo in Tproxy(self.spec).routing():
+        for _, undo in local_routing(self.spec):
             for _ in range(8):
                 try:
                     self.runner(Step(undo))
@@ -216,7 +232,7 @@ class Method:
         for text in self.notes():
             log.info("firewall: %s", text)
         log.info("firewall: installed table inet %s%s", self.spec.table,
-                 " and TPROXY policy routing" if self.routing() else "")
+                 " and its policy routing" if self.routing() else "")
 
     def restore_firewall(self) -> None:
         """Remove what setup_firewall() added; safe to call twice."""
@@ -228,17 +244,21 @@ class Method:
                 log.warning("firewall: %s", exc)
         if steps:
             log.info("firewall: removed table inet %s%s", self.spec.table,
-                     " and TPROXY policy routing" if self.routing() else "")
+                     " and its policy routing" if self.routing() else "")
+
+    def describe(self) -> str:
+        spec = self.spec
+        intercept = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spec.intercept)
+        return (f"mptcp-proxy -t {self.name}, listener port {spec.port}, intercepting "
+                f"{'TCP to port(s) ' + intercept if intercept else 'all TCP'}.")
 
     def manual(self) -> str:
         """The rules as a shell script, for --print-firewall."""
-        spec = self.spec
-        intercept = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spec.intercept)
-        out = [
-            f"# mptcp-proxy -t {self.name}, listener port {spec.port}, intercepting "
-            f"{'TCP to port(s) ' + intercept if intercept else 'all TCP'}.",
-            "# Install (loading the table again replaces it):",
-        ]
+        out = [f"# {self.describe()}"]
+        if self.spec.source_client:
+            out.append("# --source client: the service's replies to the clients' addresses "
+                       "reach the proxy's sockets (the service must route them to this host).")
+        out.append("# Install (loading the table again replaces it):")
         out += [shlex.join(add) for add, _ in self.routing()]
         out += ["nft -f - <<'EOF'", self.nft_rules().rstrip("\n"), "EOF"]
         out.append("# Remove:")
@@ -312,17 +332,35 @@ class Tproxy(Method):
                 "accepts an MP_JOIN only on a listener with the connection's own port; "
                 "-t redirect has no such limit"]
 
-    def _families(self) -> list[tuple[str, str]]:
-        return [("-4", "0.0.0.0/0")] + ([("-6", "::/0")] if self.spec.ipv6 else [])
-
     def routing(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-        spec, out = self.spec, []
-        for fam, default in self._families():
-            route = ("local", default, "dev", "lo", "table", str(spec.route_table))
-            rule = ("fwmark", f"0x{spec.tproxy_mark:x}", "lookup", str(spec.route_table))
-            out.append((("ip", fam, "route", "add", *route), ("ip", fam, "route", "del", *route)))
-            out.append((("ip", fam, "rule", "add", *rule), ("ip", fam, "rule", "del", *rule)))
-        return out
+        return local_routing(self.spec)
+
+
+class SourceClient(Method):
+    """--source client without -t: only the delivery of the service's replies (the chain
+    of Method.all_chains and the policy routing TPROXY uses too)."""
+
+    name = "source-client"
+    tools = ("nft", "ip")
+
+    def chains(self) -> list[tuple[str, str, list[str]]]:
+        return []
+
+    def describe(self) -> str:
+        return f"mptcp-proxy --source client, listener port {self.spec.port}."
+
+
+def local_routing(spec: FirewallSpec) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Packets with the spec's mark are delivered to this host (TPROXY, --source client):
+    `ip rule fwmark M lookup T` and `ip route local default dev lo table T`, IPv4 and IPv6."""
+    out = []
+    families = [("-4", "0.0.0.0/0")] + ([("-6", "::/0")] if spec.ipv6 else [])
+    for fam, default in families:
+        route = ("local", default, "dev", "lo", "table", str(spec.route_table))
+        rule = ("fwmark", f"0x{spec.tproxy_mark:x}", "lookup", str(spec.route_table))
+        out.append((("ip", fam, "route", "add", *route), ("ip", fam, "route", "del", *route)))
+        out.append((("ip", fam, "rule", "add", *rule), ("ip", fam, "rule", "del", *rule)))
+    return out
 
 
 METHODS: dict[str, type[Method]] = {"redirect": Redirect, "tproxy": Tproxy}
@@ -336,14 +374,18 @@ def spec_from_config(config: Config, ipv6: bool | None = None,
     if ipv6 is None:
         ipv6 = os.path.exists("/proc/net/if_inet6")
     return FirewallSpec(port=config.port, mode=config.mode, intercept=config.intercept,
-                        mark=config.mark, uid=uid or None, ipv6=ipv6)
+                        mark=config.mark, uid=uid or None, ipv6=ipv6,
+                        source_client=config.source == "client")
 
 
 def method_for(config: Config, runner: Runner = run_step, **spec_args) -> Method:
-    """The firewall method of `config.transparent`."""
-    if config.transparent not in METHODS:
-        raise ValueError(f"not a transparent-mode configuration: {config.transparent!r}")
-    return METHODS[config.transparent](spec_from_config(config, **spec_args), runner)
+    """The firewall method of `config.transparent` (SourceClient for --source client
+    alone); its rules include those of --source client when it is on."""
+    if config.transparent in METHODS:
+        return METHODS[config.transparent](spec_from_config(config, **spec_args), runner)
+    if config.source == "client":
+        return SourceClient(spec_from_config(config, **spec_args), runner)
+    raise ValueError(f"not a transparent-mode configuration: {config.transparent!r}")
 
 
 def commands(steps: Sequence[Step]) -> list[list[str]]:
