@@ -29,6 +29,7 @@ from mptcpproxy.connect import (
 )
 from mptcpproxy.connlog import Conn, reason
 from mptcpproxy.metrics import Metrics, connect_failure_reason
+from mptcpproxy.proxyhdr import Origin, ProxyHeaders, conn_record, describe, describe_attempt
 
 log = logging.getLogger("mptcpproxy")
 
@@ -43,7 +44,7 @@ def warn_once(last: dict[str, float], key: str, msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
-class Accepting:
+class Accepting(ProxyHeaders):
     """The accept path of listener.Listener, which owns the state used here."""
 
     config: Config
@@ -52,7 +53,7 @@ class Accepting:
     relay: object  # mptcpproxy.relay.Relay
     listener: socket.socket | None
     conns: dict[int, Conn]
-    connecting: set[Attempt]
+    connecting: set[Attempt]  # and proxyhdr.HeaderRead: clients whose header is awaited
     metrics: Metrics
     transparent: origdst.Transparent | None
     stopping: asyncio.Event | None
@@ -114,7 +115,10 @@ class Accepting:
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._begin(conn, addr, resolved)
+            if self.config.accept_proxy:
+                self._read_header(conn, addr, resolved)
+            else:
+                self._begin(conn, addr, resolved)
             if self._accept_paused:  # that client found no fd for its upstream
                 return
 
@@ -152,7 +156,8 @@ class Accepting:
             return self.config.remote
         return self.transparent.target_for(client)
 
-    def _begin(self, client: socket.socket, addr: tuple, resolved: Resolved | None) -> None:
+    def _begin(self, client: socket.socket, addr: tuple, resolved: Resolved | None,
+               origin: Origin | None = None) -> None:
         conn_id = self.relay.new_id()
         try:
             target = self.target_for(client)
@@ -162,14 +167,20 @@ class Accepting:
             if out_of_resources(exc):
                 self._pause_accept("cannot look up the original destination", exc)
                 return
-            log.warning("conn %d from %s: refused: %s", conn_id, sockets.peer_name(addr),
+            log.warning("conn %d from %s: refused: %s", conn_id, describe(addr, origin),
                         f"no original destination ({reason(exc)})"
                         if isinstance(exc, OSError) else exc)
             return
         cfg = self.config
+        source = None
+        if cfg.source == "client":
+            source = self._source_for(conn_id, client, addr, origin)
+            if source is None:
+                return
         attempt = Attempt(
             asyncio.get_running_loop(), conn_id, client, addr, target, cfg.upstream_mptcp,
             cfg.mark, self._on_connected, self._on_connect_failed, self._on_starved,
+            source=source, origin=origin,
         )
         self.connecting.add(attempt)
         attempt.start(cfg.connect_timeout, resolved)
@@ -186,20 +197,23 @@ class Accepting:
             self._pause_accept("cannot connect upstream", exc)
             return
         log.warning(
-            "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            attempt.conn_id, sockets.peer_name(attempt.addr), attempt.target, reason(exc),
+            "conn %d from %s: upstream %s failed: %s%s; closing the client connection",
+            attempt.conn_id, describe_attempt(attempt), attempt.target, reason(exc),
+            self._failure_hint(exc),
         )
 
     def _on_connected(self, attempt: Attempt) -> None:
         self.connecting.discard(attempt)  # before the relay counts it: never counted twice
+        cfg = self.config
+        if cfg.send_proxy and not self._send_header(attempt):
+            return
         client, upstream = attempt.client, attempt.upstream
         sockets.set_nodelay(client)
         sockets.set_nodelay(upstream)
-        cfg = self.config
         conn_id = attempt.conn_id
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn %d: %s -> %s established", conn_id,
-                      sockets.peer_name(attempt.addr), sockets.peer_name(attempt.sockaddr))
+                      describe_attempt(attempt), sockets.peer_name(attempt.sockaddr))
         mptcp_leg = not cfg.disable_mptcp
         fd_client, fd_up = client.detach(), upstream.detach()
         mptcp_fd = -1 if not mptcp_leg else fd_up if cfg.upstream_mptcp else fd_client
@@ -210,7 +224,7 @@ class Accepting:
             # Relay.add owns both fds from the call on: it has closed them.
             self.metrics.relay_refused()
             log.warning("conn %d from %s: cannot be relayed: %s; closing both connections",
-                        conn_id, sockets.peer_name(attempt.addr), reason(exc))
+                        conn_id, describe_attempt(attempt), reason(exc))
             return
         # Its Result is collected on this thread, so never before this entry exists.
-        self.conns[conn_id] = Conn(attempt.addr, attempt.sockaddr, mptcp_leg)
+        self.conns[conn_id] = conn_record(attempt, mptcp_leg)

@@ -278,12 +278,18 @@ def format_report(state: KernelState, findings: list[Finding], mode: str | None,
 
 
 def run_check(mode: str | None = None, out: TextIO | None = None, ip: str = "ip",
-              bind: str | None = None) -> int:
+              bind: str | None = None, source: str | None = None,
+              port: int | None = None) -> int:
     """Print the report for this namespace; 0 when extra subflows are possible, else 1.
-    `bind`: judge a server proxy listening on that address only (-b)."""
+    `bind`: judge a server proxy listening on that address only (-b); `source`: "client"
+    adds notes on what --source client needs (for a listener on `port`)."""
     state = read_state(ip)
     log.debug("MPTCP state: %s", state)
     findings = diagnose(state, mode, bind)
+    if source == "client":
+        from mptcpproxy import srcaddr
+
+        findings += [Finding(False, text, fixes) for text, fixes in srcaddr.check_notes(port)]
     (out or sys.stdout).write(format_report(state, findings, mode, bind))
     return 1 if any(f.blocking for f in findings) else 0
 

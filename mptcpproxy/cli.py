@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from mptcpproxy import __version__, logsetup
+from mptcpproxy import __version__, logsetup, originopts
 from mptcpproxy.config import (
     MAX_BUFFER_KIB,
     MAX_BUSY_POLL_USEC,
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     transparent.add_argument(
         "--setup-firewall", action="store_true",
         help="install the interception rules (nftables table inet mptcpproxy_PORT, and the "
-             "policy routing TPROXY needs) at start and remove them at exit; needs nft and "
-             "CAP_NET_ADMIN",
+             "policy routing TPROXY needs), or those of --source client, at start and remove "
+             "them at exit; needs nft and CAP_NET_ADMIN",
     )
     transparent.add_argument(
         "--print-firewall", action="store_true",
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--intercept", type=_typed(parse_port_ranges), default=(), metavar="PORTS",
         help="destination ports the rules intercept, e.g. 80,443,8000-8100 (default: all TCP)",
     )
+    originopts.add_options(parser, _seconds, SECONDS_RANGE)
     parser.add_argument(
         "-b", "--bind", type=_typed(parse_bind), metavar="ADDR",
         help="local address to listen on (default: dual-stack :: that also accepts IPv4, "
@@ -310,23 +311,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
         setup_firewall=args.setup_firewall,
         intercept=args.intercept,
         metrics=args.metrics,
+        **originopts.config_fields(args),
     )
 
 
 def check_listener_args(args: argparse.Namespace) -> None:
     """What one listener's options must agree on; raises ConfigError (one sentence)."""
+    originopts.check(args)
     if args.transparent is None:
         if args.remote is None:
             raise ConfigError("the following argument is required: -r/--remote (or -t for "
                               "transparent mode)")
-        for flag, given in (("--setup-firewall", args.setup_firewall),
-                            ("--print-firewall", getattr(args, "print_firewall", False)),
+        rules = args.source == "client"  # its policy routing is a firewall set-up too
+        for flag, given in (("--setup-firewall", args.setup_firewall and not rules),
+                            ("--print-firewall", getattr(args, "print_firewall", False)
+                             and not rules),
                             ("--intercept", bool(args.intercept))):
             if given:
-                raise ConfigError(f"{flag} only applies to transparent mode: add -t")
-    if args.transparent == "tproxy" and args.mark == TPROXY_BASE | args.port:
-        raise ConfigError(f"--mark 0x{args.mark:x} is the mark TPROXY uses to route "
-                          "intercepted connections to this proxy: choose another mark")
+                raise ConfigError(f"{flag} only applies to transparent mode: add -t"
+                                  + ("" if flag == "--intercept" else
+                                     " (or use it with --source client)"))
+    routed = args.transparent == "tproxy" or args.source == "client"
+    if routed and args.mark == TPROXY_BASE | args.port:
+        raise ConfigError(f"--mark 0x{args.mark:x} is the mark this proxy's policy routing "
+                          "uses (TPROXY, --source client): choose another mark")
 
 
 # With --config, the command line takes only these besides --config itself.
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from mptcpproxy.check import run_check
 
-        return run_check(args.mode, bind=args.bind)
+        return run_check(args.mode, bind=args.bind, source=args.source, port=args.port)
     if args.config:
         from mptcpproxy import configfile
 

@@ -145,6 +145,11 @@ class Config:
     setup_firewall: bool = False  # install our nftables table (+ TPROXY routing) while running
     intercept: tuple[tuple[int, int], ...] = ()  # port ranges to intercept; (): all TCP
     metrics: HostPort | None = None  # --metrics: serve Prometheus metrics there
+    # keeping the client's address (docs: README "Keeping the client's address")
+    send_proxy: str | None = None  # "v1" or "v2": a PROXY header first on each upstream
+    accept_proxy: bool = False  # each client must start with a PROXY header
+    proxy_timeout: float = 5.0  # seconds for the whole header (--accept-proxy)
+    source: str | None = None  # "client": connect upstream from the client's address
     name: str | None = None  # a [[listener]]'s name: its socket-activation name and label
 
     @property
@@ -166,6 +171,12 @@ class Config:
         handling of new connections changes)."""
         return (self.port, self.bind, self.listen_mptcp, self.transparent) == (
             other.port, other.bind, other.listen_mptcp, other.transparent)
+
+    @property
+    def per_connection(self) -> bool:
+        """Each connection needs the control plane (a PROXY header to read or write, a
+        source address to bind), not the relay workers' own accept."""
+        return self.accept_proxy or self.send_proxy is not None or self.source is not None
 
     @property
     def listen_mptcp(self) -> bool:

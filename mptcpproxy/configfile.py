@@ -257,6 +257,12 @@ def describe(config: Config) -> str:
         details.append("splice")
     if config.setup_firewall:
         details.append("setup_firewall")
+    if config.accept_proxy:
+        details.append(f"accept_proxy (proxy_timeout {config.proxy_timeout:g})")
+    if config.send_proxy:
+        details.append(f"send_proxy {config.send_proxy}")
+    if config.source:
+        details.append(f"source {config.source}")
     legs = ("MPTCP" if config.listen_mptcp else "TCP", "MPTCP" if config.upstream_mptcp else "TCP")
     return (f"  {config.title}: {config.mode}, {where} ({legs[0]}) -> {target} over {legs[1]}; "
             + ", ".join(details))

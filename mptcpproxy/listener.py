@@ -74,7 +74,7 @@ class Listener(Accepting):
     async def prepare(self, passed: list[sdlisten.Passed]) -> None:
         """Everything that can fail, before anything is served: raises ListenerError."""
         cfg = self.config
-        if cfg.transparent or cfg.mark:
+        if cfg.transparent or cfg.mark or cfg.source:
             self._prepare_transparent()
         if cfg.remote is not None and not cfg.remote.is_literal:
             try:
@@ -100,7 +100,7 @@ class Listener(Accepting):
             raise ListenerError(self._listen_error(exc)) from None
 
     def _prepare_transparent(self) -> None:
-        from mptcpproxy import conntrack, firewall
+        from mptcpproxy import conntrack, firewall, srcaddr
 
         cfg = self.config
         if cfg.mark:
@@ -109,14 +109,15 @@ class Listener(Accepting):
             except PermissionError:
                 raise ListenerError("--mark needs CAP_NET_ADMIN: run as root, or leave out "
                                     "--mark and exclude the proxy's user in the rules") from None
-        if not cfg.transparent:
-            return
-        self.transparent = origdst.Transparent(cfg.transparent, cfg.port, cfg.remote)
+        if cfg.source and (why := srcaddr.prepare(cfg, self.label)):
+            raise ListenerError(why)
+        if cfg.transparent:
+            self.transparent = origdst.Transparent(cfg.transparent, cfg.port, cfg.remote)
         if cfg.transparent == "redirect" and cfg.listen_mptcp:
             why = conntrack.probe()  # the original destination of MPTCP comes from there
             if why:
                 raise ListenerError(why)
-        if cfg.setup_firewall:
+        if cfg.setup_firewall:  # -t, or --source client
             self.firewall = firewall.method_for(cfg)
             why = self.firewall.unsupported_reason()
             if why:
@@ -141,11 +142,7 @@ class Listener(Accepting):
     def start(self) -> None:
         """Serve: the workers accept (a fixed upstream address) or the control plane does."""
         cfg = self.config
-        # A fixed upstream address needs no decision per connection: the relay workers
-        # accept and connect themselves, no Python runs until the connection's end. At
-        # DEBUG level the control plane accepts, so that each set-up is logged.
-        self.fast = (self.transparent is None and cfg.remote.is_literal
-                     and not cfg.max_connections and not log.isEnabledFor(logging.DEBUG))
+        self.fast = self._can_be_fast(cfg)
         if self.fast:
             self._listen_fast()
         else:
@@ -161,6 +158,14 @@ class Listener(Accepting):
             "MPTCP" if cfg.upstream_mptcp else "TCP",
         )
 
+    def _can_be_fast(self, cfg: Config) -> bool:
+        # A fixed upstream address needs no decision per connection: the relay workers
+        # accept and connect themselves, no Python runs until the connection's end. At
+        # DEBUG level the control plane accepts, so that each set-up is logged; a PROXY
+        # header or a source address is the control plane's work too.
+        return (self.transparent is None and cfg.remote.is_literal and not cfg.per_connection
+                and not cfg.max_connections and not log.isEnabledFor(logging.DEBUG))
+
     def _listen_fast(self) -> None:
         cfg = self.config
         family, sockaddr = literal(cfg.remote)
@@ -174,8 +179,7 @@ class Listener(Accepting):
         follow it, open ones keep theirs."""
         was_fast = self.fast
         self.config = config
-        fast = (self.transparent is None and config.remote.is_literal
-                and not config.max_connections and not log.isEnabledFor(logging.DEBUG))
+        fast = self._can_be_fast(config)
         if was_fast and fast:
             self._listen_fast()  # the workers take the new settings for new clients
             return

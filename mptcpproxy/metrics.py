@@ -38,6 +38,7 @@ from prometheus_client.utils import floatToGoString
 
 from mptcpproxy import __version__
 from mptcpproxy.metrics_http import start_metrics_server
+from mptcpproxy.proxyhdr import ERROR_REASONS
 from mptcpproxy.relay._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
 
 __all__ = ["CONNECT_FAILURES", "ListenerMetrics", "Metrics", "connect_failure_reason",
@@ -106,9 +107,15 @@ class ListenerMetrics:
         self.mptcp_leg: Counter[str] = Counter()  # "mptcp" / "fallback"
         self.subflows = _Histogram(SUBFLOW_BUCKETS)  # MPTCP connections only
         self.duration = _Histogram(DURATION_BUCKETS)
+        self.proxy_header_errors: Counter[str] = Counter()  # --accept-proxy, by reason
 
     def connection_accepted(self) -> None:
         self.accepted += 1
+
+    def proxy_header_error(self, reason: str) -> None:
+        """A connection closed because it brought no valid PROXY header (--accept-proxy);
+        `reason`: one of proxyhdr.ERROR_REASONS."""
+        self.proxy_header_errors[reason] += 1
 
     def accept_error(self) -> None:
         self.accept_errors += 1
@@ -295,6 +302,10 @@ def _per_listener(listeners: list[ListenerMetrics], active: dict[str, int] | Non
                    "ends.", [((x.name, d), getattr(x, d)) for x in listeners
                              for d in ("client_to_upstream", "upstream_to_client")],
                    ("listener", "direction"))
+    yield _counter("mptcpproxy_proxy_header_errors", "Connections closed without a valid "
+                   "PROXY header (--accept-proxy), by reason.",
+                   _by_key(listeners, "proxy_header_errors", ERROR_REASONS),
+                   ("listener", "reason"))
     yield _counter("mptcpproxy_mptcp_leg_connections", "Ended connections whose MPTCP leg "
                    "really used MPTCP, or fell back to TCP.",
                    _by_key(listeners, "mptcp_leg", ("mptcp", "fallback")),
