@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # the build: gcc (it brings binutils and its AddressSanitizer runtime, libasan8 with Debian
-# 12's gcc 12), the Python headers and venv
+# 12's gcc 12), the Python headers and venv; haproxy and nginx are peers the tests run as
+# their own processes in namespaces, never as the system's services: installed with their
+# start denied, their units disabled after
+SERVICE_PACKAGES := haproxy nginx
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
-	gcc libc6-dev python3-dev python3-venv
+	gcc libc6-dev python3-dev python3-venv $(SERVICE_PACKAGES)
 BENCH_APT_PACKAGES := haproxy socat mptcpd
 # the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
@@ -30,7 +33,13 @@ deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
+		policy=/usr/sbin/policy-rc.d; ours=""; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; ours=1; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		rc=$$?; [ -z "$$ours" ] || rm -f $$policy; \
+		for s in $(SERVICE_PACKAGES); do case " $$missing " in *" $$s "*) \
+			systemctl disable --now $$s >/dev/null 2>&1 || true;; esac; done; \
+		exit $$rc; \
 	fi
 
 $(VENV)/.stamp: pyproject.toml requirements-dev.txt
