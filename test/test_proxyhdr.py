@@ -6,6 +6,7 @@ test_proxy_chain.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -339,3 +340,61 @@ def test_a_header_not_taken_whole_fails_the_connection(caplog):
     assert Stub.metrics.connect_failures["other"] == 1
     assert ("conn 7 from 192.0.2.9:5000: cannot send the PROXY header to 10.0.0.2:80: only "
             "14 of its 28 bytes were taken") in caplog.text
+
+
+def test_a_stop_closes_the_clients_still_owing_their_header(upstream):
+    def body(proxy: Proxy) -> None:
+        body.client = connect(proxy)
+        wait_for(lambda: proxy.listeners[proxy.config.port].connecting, "the pending client")
+
+    proxy = run_with_proxy(config(upstream, accept_proxy=True), body)
+    with body.client:
+        assert closed_without_reply(body.client)
+    assert not proxy.all_listeners[0].connecting
+    assert no_connection_for(upstream)
+
+
+class _Transparent:
+    fallback = HostPort("10.0.0.9", 4444)
+
+
+class _Sock:
+    def getsockname(self):
+        return ("::ffff:10.0.0.1", 5555, 0, 0)
+
+
+@pytest.mark.parametrize(("target", "dst"), [
+    (HostPort("192.0.2.80", 80), ("192.0.2.80", 80)),  # intercepted: the original destination
+    (HostPort("10.0.0.9", 4444), ("10.0.0.1", 5555)),  # straight to the listener: its address
+])
+def test_send_proxy_destination_in_transparent_mode(target, dst):
+    class Stub(proxyhdr.ProxyHeaders):
+        config = Config(mode="client", port=5555, remote=None, transparent="tproxy",
+                        send_proxy="v2")
+        transparent = _Transparent()
+
+    class Attempt:
+        addr, origin, client = ("::ffff:192.0.2.9", 5000, 0, 0), None, _Sock()
+
+    Attempt.target = target
+    header = parse(Stub()._header_bytes(Attempt))
+    assert (header.source, header.destination) == (("192.0.2.9", 5000), dst)
+
+
+@pytest.mark.privileged  # IP_TRANSPARENT needs CAP_NET_ADMIN
+@pytest.mark.parametrize(("claim", "why"), [
+    (("127.0.0.5", 1000), "127.0.0.5, a loopback address"),
+    (("224.0.0.1", 1000), "224.0.0.1, a multicast address"),
+    (None, "127.0.0.1, a loopback address"),  # no header: the peer itself
+])
+def test_source_client_refuses_claimed_addresses(upstream, proxy_log, claim, why):
+    def body(proxy: Proxy) -> None:
+        with connect(proxy) as client:
+            client.sendall((encode_v2(claim, CLAIMED_DST) if claim else b"") + b"x")
+            assert closed_without_reply(client)
+        assert no_connection_for(upstream)
+
+    cfg = config(upstream, accept_proxy=claim is not None, source="client")
+    proxy = run_with_proxy(dataclasses.replace(cfg, mode="server"), body)
+    assert f"refused: --source client cannot connect from {why}" in proxy_log.text
+    assert proxy.metrics.connect_failures["other"] == 1
