@@ -17,6 +17,7 @@ from prometheus_client import parser
 
 from mptcpproxy import __version__
 from mptcpproxy.metrics import Metrics, connect_failure_reason
+from mptcpproxy.proxyhdr import ERROR_REASONS  # the reasons of --accept-proxy's errors
 from mptcpproxy.relay import ENGINE
 from mptcpproxy.relay._results import Result, WorkerStats
 
@@ -160,7 +161,7 @@ def test_label_values_are_listener_names_and_fixed_enums() -> None:
     for k, v in values.items():
         assert allowed[k] is None or v <= allowed[k], (k, v)
     assert values["reason"] == {"closed", "reset", "timeout", "error", "aborted", "refused",
-                                "unreachable", "resolve", "other"}
+                                "unreachable", "resolve", "other", *ERROR_REASONS}
 
 
 def test_histogram_buckets_are_written_as_prometheus_3_reads_them() -> None:

@@ -310,8 +310,9 @@ def test_plain_and_slow_clients_rejected(testbed: TestBed) -> None:
     assert slow and int(slow[1]) < 28, out
     metrics = chain.spx.run([sys.executable, "-c", _SCRAPE,
                              "http://127.0.0.1:9541/metrics"]).stdout
-    assert 'mptcpproxy_proxy_header_errors_total{reason="signature"} 1' in metrics
-    assert 'mptcpproxy_proxy_header_errors_total{reason="timeout"} 1' in metrics
+    for reason in ("signature", "timeout"):
+        assert (f'mptcpproxy_proxy_header_errors_total{{listener="{SERVER_PROXY}",'
+                f'reason="{reason}"}} 1.0') in metrics, metrics
     assert access_lines(log) == []
     assert "closed without a reply: not a PROXY header: first byte b'G'" in server.stderr
 

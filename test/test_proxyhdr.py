@@ -19,7 +19,7 @@ import pytest
 import test_control_plane
 from test_control_plane import closed_by_proxy as closed_without_reply
 from test_control_plane import free_port
-from test_metrics import uvloop_primed  # noqa: F401  (a module fixture: libuv's global pipe)
+from test_metrics import samples, uvloop_primed, value  # noqa: F401  (uvloop_primed: a fixture)
 
 from mptcpproxy import proxyhdr
 from mptcpproxy.config import Config, HostPort
@@ -211,7 +211,7 @@ def test_plain_traffic_is_rejected_at_the_first_byte(upstream, proxy_log):
         assert no_connection_for(upstream)
 
     proxy = run_with_proxy(config(upstream, accept_proxy=True, proxy_timeout=30), body)
-    assert proxy.metrics.proxy_header_errors == {"signature": 1}
+    assert counts(proxy).proxy_header_errors == {"signature": 1}
     assert "closed without a reply: not a PROXY header: first byte b'G'" in proxy_log.text
 
 
@@ -235,7 +235,7 @@ def test_slow_sender_is_rejected_at_the_deadline(upstream, proxy_log):
         assert no_connection_for(upstream)
 
     proxy = run_with_proxy(config(upstream, accept_proxy=True, proxy_timeout=1.0), body)
-    assert proxy.metrics.proxy_header_errors == {"timeout": 1}
+    assert counts(proxy).proxy_header_errors == {"timeout": 1}
     match = re.search(r"no complete PROXY header within 1 s \((\d+) bytes of it arrived",
                       proxy_log.text)
     assert match, proxy_log.text
@@ -247,10 +247,10 @@ def test_client_closing_before_the_header_is_complete(upstream, proxy_log):
     def body(proxy: Proxy) -> None:
         with connect(proxy) as client:
             client.sendall(b"PROXY TCP4 ")
-        wait_for(lambda: proxy.metrics.proxy_header_errors, "the error to be counted")
+        wait_for(lambda: counts(proxy).proxy_header_errors, "the error to be counted")
 
     proxy = run_with_proxy(config(upstream, accept_proxy=True), body)
-    assert proxy.metrics.proxy_header_errors == {"closed": 1}
+    assert counts(proxy).proxy_header_errors == {"closed": 1}
     assert "the client closed the connection before a complete PROXY header" in proxy_log.text
 
 
@@ -266,7 +266,7 @@ def test_errors_are_logged_once_a_second_and_all_counted(upstream, proxy_log):
         body.elapsed = time.monotonic() - start
 
     proxy = run_with_proxy(config(upstream, accept_proxy=True), body)
-    assert proxy.metrics.proxy_header_errors["signature"] == n
+    assert counts(proxy).proxy_header_errors["signature"] == n
     lines = proxy_log.text.count("closed without a reply")
     assert 1 <= lines <= int(body.elapsed) + 1, proxy_log.text
 
@@ -287,7 +287,13 @@ def test_pending_headers_count_against_max_connections(upstream, proxy_log):
 
     proxy = run_with_proxy(config(upstream, accept_proxy=True, max_connections=1), body)
     assert body.data == b"late"
-    assert proxy.metrics.rejected == 1
+    assert counts(proxy).rejected == 1
+
+
+def counts(proxy: Proxy):
+    """The only listener's metrics."""
+    (listener,) = proxy.all_listeners
+    return listener.metrics
 
 
 def wait_for(pred, what: str) -> None:
@@ -301,12 +307,12 @@ def wait_for(pred, what: str) -> None:
 
 def test_the_metric_has_every_reason_from_the_start():
     metrics = Metrics()
-    metrics.proxy_header_error("crc")
-    text = metrics.render()
-    assert "# TYPE mptcpproxy_proxy_header_errors_total counter" in text
-    assert 'mptcpproxy_proxy_header_errors_total{reason="crc"} 1' in text
-    for reason in ("signature", "timeout", "closed", "v1_syntax"):
-        assert f'mptcpproxy_proxy_header_errors_total{{reason="{reason}"}} 0' in text
+    metrics.listener("4444").proxy_header_error("crc")
+    got = samples(metrics.render())
+    assert value(got, "mptcpproxy_proxy_header_errors_total", listener="4444", reason="crc") == 1
+    for reason in proxyhdr.ERROR_REASONS:
+        if reason != "crc":
+            assert value(got, "mptcpproxy_proxy_header_errors_total", reason=reason) == 0
 
 
 class _ShortSend:
@@ -397,4 +403,4 @@ def test_source_client_refuses_claimed_addresses(upstream, proxy_log, claim, why
     cfg = config(upstream, accept_proxy=claim is not None, source="client")
     proxy = run_with_proxy(dataclasses.replace(cfg, mode="server"), body)
     assert f"refused: --source client cannot connect from {why}" in proxy_log.text
-    assert proxy.metrics.connect_failures["other"] == 1
+    assert counts(proxy).connect_failures["other"] == 1
