@@ -115,10 +115,7 @@ class Accepting(ProxyHeaders):
                 conn.close()
                 continue
             conn.setblocking(False)
-            if self.config.accept_proxy:
-                self._read_header(conn, addr, resolved)
-            else:
-                self._begin(conn, addr, resolved)
+            self._set_up(conn, addr, resolved)
             if self._accept_paused:  # that client found no fd for its upstream
                 return
 
@@ -155,6 +152,13 @@ class Accepting(ProxyHeaders):
         if self.transparent is None:
             return self.config.remote
         return self.transparent.target_for(client)
+
+    def _set_up(self, client: socket.socket, addr: tuple, resolved: Resolved | None) -> None:
+        """A client just accepted: its PROXY header first (--accept-proxy), then upstream."""
+        if self.config.accept_proxy:
+            self._read_header(client, addr, resolved)
+        else:
+            self._begin(client, addr, resolved)
 
     def _begin(self, client: socket.socket, addr: tuple, resolved: Resolved | None,
                origin: Origin | None = None) -> None:

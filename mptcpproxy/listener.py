@@ -232,7 +232,7 @@ class Listener(Accepting):
                 return
             self.metrics.connection_accepted()
             conn.setblocking(False)
-            self._begin(conn, addr, None)
+            self._set_up(conn, addr, None)
 
     def drain(self) -> None:
         """Removed by a reload: stop accepting, reset what arrives meanwhile (a backlog

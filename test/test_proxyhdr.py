@@ -11,7 +11,10 @@ import hashlib
 import logging
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -349,14 +352,35 @@ def test_a_header_not_taken_whole_fails_the_connection(caplog):
 
 
 def test_a_stop_closes_the_clients_still_owing_their_header(upstream):
-    def body(proxy: Proxy) -> None:
-        body.client = connect(proxy)
-        wait_for(lambda: proxy.listeners[proxy.config.port].connecting, "the pending client")
-
-    proxy = run_with_proxy(config(upstream, accept_proxy=True), body)
-    with body.client:
-        assert closed_without_reply(body.client)
-    assert not proxy.all_listeners[0].connecting
+    """SIGTERM while a client has sent no header yet: the proxy stops (exit 0, no
+    traceback) and that client is closed, not left waiting."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mptcpproxy", "-m", "client", "-p", str(port), "-b",
+         "127.0.0.1", "-r", f"127.0.0.1:{upstream.getsockname()[1]}", "--disable-mptcp",
+         "--accept-proxy", "--proxy-timeout", "60"],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no listener"
+                time.sleep(0.05)
+        with client:
+            time.sleep(0.2)  # accepted, its header awaited
+            proc.send_signal(signal.SIGTERM)
+            assert closed_without_reply(client)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        stderr = proc.stderr.read()
+        proc.stderr.close()
+    assert "Traceback" not in stderr
     assert no_connection_for(upstream)
 
 
@@ -404,3 +428,33 @@ def test_source_client_refuses_claimed_addresses(upstream, proxy_log, claim, why
     proxy = run_with_proxy(dataclasses.replace(cfg, mode="server"), body)
     assert f"refused: --source client cannot connect from {why}" in proxy_log.text
     assert counts(proxy).connect_failures["other"] == 1
+
+
+def test_clients_swept_from_the_backlog_send_their_header_too(upstream):
+    """A listener that hands over takes the clients still queued on its socket (sweep):
+    with --accept-proxy their header is read as for any other, not relayed as data."""
+    proxy = Proxy(config(upstream, accept_proxy=True, send_proxy="v2"))
+    got = {}
+
+    def body(loop: asyncio.AbstractEventLoop) -> None:
+        listener = proxy.listeners[proxy.config.port]
+        loop.call_soon_threadsafe(loop.remove_reader, listener.listener.fileno())
+        time.sleep(0.1)  # the reader is gone: the next client waits in the backlog
+        with connect(proxy) as client:
+            client.sendall(encode_v1(CLAIMED, CLAIMED_DST) + b"queued")
+            client.shutdown(socket.SHUT_WR)
+            loop.call_soon_threadsafe(listener.sweep)
+            conn, _ = upstream.accept()
+            with conn:
+                got["data"] = read_all(conn)
+
+    async def scenario() -> None:
+        await proxy.start()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(body, asyncio.get_running_loop()), 60)
+        finally:
+            await proxy.drain()
+
+    _run_loop(scenario())
+    header, rest = split_header(got["data"])
+    assert header.source == CLAIMED and rest == b"queued"
