@@ -169,8 +169,11 @@ class Config:
     def same_socket(self, other: Config) -> bool:
         """Whether `other` can take over this listener's socket as it is (only the
         handling of new connections changes)."""
-        return (self.port, self.bind, self.listen_mptcp, self.transparent) == (
-            other.port, other.bind, other.listen_mptcp, other.transparent)
+        # the firewall rules and what start-up checks for them come with the socket too
+        def key(c: Config) -> tuple:
+            return (c.port, c.bind, c.listen_mptcp, c.transparent, c.setup_firewall,
+                    c.intercept, c.source, c.mark if c.setup_firewall else 0)
+        return key(self) == key(other)
 
     @property
     def per_connection(self) -> bool:

@@ -358,6 +358,7 @@ class Proxy:
             self._retired_timer.cancel()
             self._retired_timer = None
         for lst in self.retired:
+            lst.cancel_setups()  # clients still waiting for their upstream or header
             if lst.held_by_workers:
                 log.warning("a relay worker still polls listener %s: it is closed once the "
                             "relay has stopped", lst.title)

@@ -209,9 +209,13 @@ class Listener(Accepting):
         if self._resolving is not None:
             self._resolving.cancel()
         if cancel:
-            for attempt in list(self.connecting):
-                attempt.cancel()
-            self.connecting.clear()
+            self.cancel_setups()
+
+    def cancel_setups(self) -> None:
+        """Give up the connections still being set up (their clients are closed)."""
+        for attempt in list(self.connecting):
+            attempt.cancel()
+        self.connecting.clear()
 
     def hand_over(self, sweep: bool = True) -> None:
         """Another socket serves the port (a reload's replacement or a new process beside

@@ -47,6 +47,10 @@ async def reload(proxy) -> bool:
         started = await proxy._prepare([*added, *replaced])
     except ListenerError as exc:
         return _failed(proxy, str(exc))
+    # A replaced listener's rules go first: the new one's have the same names (the port).
+    outgoing = [running[c.port] for c in replaced]
+    for lst in outgoing:
+        lst.restore_firewall()
     try:
         for lst in started:
             lst.setup_firewall()
@@ -54,12 +58,13 @@ async def reload(proxy) -> bool:
         for lst in started:
             lst.close()
             proxy.by_tag.pop(lst.tag, None)
+        for lst in outgoing:
+            lst.setup_firewall()  # back as they were
         return _failed(proxy, str(exc))
     for lst in removed:
         _retire(proxy, lst)
-    for c in replaced:
-        old_listener = running.pop(c.port)
-        old_listener.restore_firewall()
+    for old_listener in outgoing:
+        del running[old_listener.config.port]
         old_listener.hand_over()
         proxy.retired.append(old_listener)
     for lst in started:
