@@ -351,7 +351,9 @@ class Proxy:
         while loop.time() < deadline and not self.hurry:
             self._close_retired()
             held = any(lst.held_by_workers for lst in self.retired)
-            if not self.relay.active and (not held or loop.time() - start > 2.0):
+            setting_up = any(lst.connecting for lst in self.retired)  # swept clients too
+            if (not self.relay.active and not setting_up
+                    and (not held or loop.time() - start > 2.0)):
                 break
             await asyncio.sleep(0.02)
         if self._retired_timer is not None:
