@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = os.path.join(HERE, "peers.py")
 RATELOAD = os.path.join(HERE, "rateload.py")
 SERVICE, PORT = 7000, 5555
-RATE, SECONDS = 100, 8
+RATE, SECONDS = 100, 5
 
 # Holds listening sockets like systemd does and runs the proxy with them (LISTEN_FDS):
 # `holder.py PROTO PORT NAME CONFIG` starts the proxy with the socket as fd 3; each
