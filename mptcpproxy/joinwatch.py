@@ -111,8 +111,8 @@ class JoinWatch:
             seen.append(f"{no_token} join(s) for connections this host does not know "
                         "(MPJoinNoTokenFound)")
         if unanswered:
-            seen.append(f"{unanswered} of {sent} join(s) sent unanswered (MPJoinSynTx "
-                        f"+{sent}, MPJoinSynAckRx +{answered})")
+            seen.append(f"{unanswered} of {sent} join(s) sent refused or unanswered "
+                        f"(MPJoinSynTx +{sent}, MPJoinSynAckRx +{answered})")
         text = (f"{single} of {ended} MPTCP connection(s) ended with one subflow since the last "
                 f"check while the kernel counted {' and '.join(seen)}: are joins reaching "
                 "another server than their connection's (a load balancer spreading subflows)? "
