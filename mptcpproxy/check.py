@@ -19,6 +19,7 @@ from typing import TextIO
 
 from mptcpproxy import sockets
 from mptcpproxy.config import Config, ConfigError, parse_bind
+from mptcpproxy.joinwatch import REMEDY, SCALE_OUT_DOC, unanswered_joins
 from mptcpproxy.kernelstate import (
     Endpoint,
     KernelState,
@@ -204,6 +205,48 @@ def _server(state: KernelState, signal_eps: list[Endpoint], bind: str | None) ->
     )]
 
 
+def _remedy_fixes(state: KernelState, signal_eps: list[Endpoint]) -> tuple[str, ...]:
+    """What this server still lacks of the scale-out remedy, as commands."""
+    fixes = [] if signal_eps else ["ip mptcp endpoint add OWN_ADDR dev DEV signal"]
+    if state.allow_join_initial_addr_port != 0:
+        fixes.append("sysctl -w net.mptcp.allow_join_initial_addr_port=0")
+    if not fixes:  # both in place: the count may predate them
+        return ("nothing here: this host announces its own address with the C flag set; the "
+                "count may predate that: watch whether it still rises (nstat -az "
+                "MPJoinNoTokenFound) and fix the other servers the same way",)
+    return (" && ".join(fixes) + f"   (on every server behind the load balancer: "
+            f"{SCALE_OUT_DOC})",)
+
+
+def _join_counters(state: KernelState, mode: str | None,
+                   signal_eps: list[Endpoint]) -> list[Finding]:
+    counters = state.counters or {}
+    notes = []
+    lost = counters.get("MPJoinNoTokenFound", 0)
+    if mode in (None, "server") and lost:
+        notes.append(Finding(
+            False,
+            f"MPJoinNoTokenFound is {lost}: joins for unknown connections arrive here: is a "
+            "load balancer spreading subflows over several servers? (the joins are reset, "
+            f"their connections keep one subflow; see {SCALE_OUT_DOC})",
+            _remedy_fixes(state, signal_eps),
+        ))
+    unanswered = unanswered_joins(counters)
+    if mode in (None, "client") and unanswered:
+        notes.append(Finding(
+            False,
+            f"{unanswered} of the {counters['MPJoinSynTx']} joins this host sent were not "
+            f"answered (MPJoinSynTx {counters['MPJoinSynTx']}, MPJoinSynAckRx "
+            f"{counters['MPJoinSynAckRx']}): refused by the server (ip mptcp monitor shows "
+            "SF_CLOSED error=111: a load balancer may send joins to another server than "
+            "their connection's) or lost on the way",
+            (f"{REMEDY}   ({SCALE_OUT_DOC})",
+             "ip route add ANNOUNCED_ADDR via GATEWAY dev DEV   (a route to each address "
+             "the servers announce, on the path it should take)"),
+        ))
+    return notes
+
+
 def diagnose(state: KernelState, mode: str | None = None,
              bind: str | None = None) -> list[Finding]:
     """What prevents extra subflows for `mode` ("client", "server", or None for both);
@@ -225,7 +268,7 @@ def diagnose(state: KernelState, mode: str | None = None,
         findings += _client(state, subflow_eps)
     if mode in (None, "server"):
         findings += _server(state, signal_eps, bind)
-    return findings
+    return findings + _join_counters(state, mode, signal_eps)
 
 
 def _describe(state: KernelState) -> list[str]:
@@ -248,6 +291,11 @@ def _describe(state: KernelState) -> list[str]:
         lines.append(f"  joins:         net.mptcp.allow_join_initial_addr_port = "
                      f"{state.allow_join_initial_addr_port}: clients {may} join the address "
                      "they connected to")
+    counters = state.counters or {}
+    names = [n for n in ("MPJoinSynTx", "MPJoinSynAckRx", "MPJoinNoTokenFound") if n in counters]
+    if names:
+        lines.append("  join counters: " + ", ".join(f"{n} {counters[n]}" for n in names)
+                     + " (since the namespace was made)")
     if state.endpoints is not None:
         lines.append(f"  endpoints:     {len(state.endpoints) or 'none'}")
         lines += [f"    {ep}" for ep in state.endpoints]

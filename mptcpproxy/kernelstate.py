@@ -1,8 +1,9 @@
 """MPTCP's state in this network namespace, as `read_state()` reads it for `--check`.
 
-The `net.mptcp.*` sysctls, whether an MPTCP socket can be created, and the in-kernel path
+The `net.mptcp.*` sysctls, whether an MPTCP socket can be created, the in-kernel path
 manager's limits and endpoints and the local addresses, read with `ip` (iproute2) and
-parsed from what iproute2 6.1 prints.
+parsed from what iproute2 6.1 prints, and the kernel's MPTCP counters (`MPTcpExt` in
+/proc/net/netstat, which is the reading process's namespace's).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import ipaddress
 import json
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mptcpproxy import sockets
 
 SYSCTL_DIR = Path("/proc/sys/net/mptcp")
+NETSTAT = Path("/proc/net/netstat")
 IP_TIMEOUT = 5.0
 
 
@@ -52,6 +55,28 @@ class KernelState:
     ip_error: str | None = None  # why limits/endpoints could not be read
     # 0: the C flag, clients may not join the address they connected to; None: older kernel
     allow_join_initial_addr_port: int | None = None
+    # MPTcpExt counters since the namespace was made (MPJoinSynTx, MPJoinNoTokenFound, ...)
+    counters: Mapping[str, int] | None = None
+
+
+def parse_netstat(text: str, section: str = "MPTcpExt") -> dict[str, int]:
+    """One section of /proc/net/netstat: a line of names, then a line of values, each
+    starting with "Section:". Names are read, not assumed: kernels add counters."""
+    rows = [line.split()[1:] for line in text.splitlines()
+            if line.startswith(f"{section}:")]
+    if len(rows) < 2:
+        return {}
+    return {name: int(value) for name, value in zip(rows[0], rows[1], strict=False)}
+
+
+def read_counters(path: Path | str = NETSTAT) -> dict[str, int] | None:
+    """The MPTcpExt counters of this network namespace; None when they cannot be read."""
+    try:
+        with open(path) as f:
+            return parse_netstat(f.read()) or None
+    except (OSError, ValueError):
+        return None
+
 
 def _sysctl(name: str) -> str | None:
     try:
@@ -131,6 +156,7 @@ def read_state(ip: str = "ip", timeout: float = IP_TIMEOUT) -> KernelState:
         "socket_errno": _socket_errno(),
         "path_manager": _path_manager(),
         "allow_join_initial_addr_port": _int_sysctl("allow_join_initial_addr_port"),
+        "counters": read_counters(),
     }
     try:
         limits = parse_limits(_ip(["-j", "mptcp", "limits", "show"], ip, timeout))

@@ -1,9 +1,13 @@
 """The `--metrics HOST:PORT` endpoint: `GET /metrics` served from the proxy's own event loop
-(no thread), in the format prometheus-client writes (CONTENT_TYPE_LATEST)."""
+(no thread), in the format prometheus-client writes (CONTENT_TYPE_LATEST), and the health
+checks a load balancer or an orchestrator asks: `GET /ready` (200 while the proxy serves,
+503 once it is stopping, so the backend is taken out before its listener goes) and
+`GET /live` (200 while the process runs)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -15,14 +19,17 @@ REQUEST_TIMEOUT = 5.0  # seconds a scraper may take to send its request
 MAX_REQUEST = 8192  # bytes of request line and headers
 
 
-async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asyncio.Server:
-    """Serve `GET /metrics` on host:port in the running loop; close() the server to stop.
+async def start_metrics_server(metrics: Metrics, host: str, port: int,
+                               ready: Callable[[], bool] | None = None) -> asyncio.Server:
+    """Serve `GET /metrics`, `/ready` and `/live` on host:port in the running loop; close()
+    the server to stop. `/ready` answers 200 while `ready()` is true, else 503 (None:
+    always 200).
 
     Raises OSError when the address cannot be bound (port in use, address not local).
     """
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _serve(metrics, reader, writer)
+            await _serve(metrics, ready, reader, writer)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError):
             pass  # a scraper that went away or sent garbage: nothing to tell
@@ -32,8 +39,21 @@ async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asynci
     return await asyncio.start_server(serve, host, port, limit=MAX_REQUEST, reuse_address=True)
 
 
-async def _serve(metrics: Metrics, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+def _answer(metrics: Metrics, ready: Callable[[], bool] | None,
+            path: str) -> tuple[str, bytes, dict[str, str]]:
+    if path == "/metrics":
+        return "200 OK", metrics.render(), {"Content-Type": CONTENT_TYPE_LATEST}
+    if path == "/ready":
+        if ready is None or ready():
+            return "200 OK", b"ready\n", {}
+        return "503 Service Unavailable", b"stopping\n", {}
+    if path == "/live":
+        return "200 OK", b"live\n", {}
+    return "404 Not Found", b"the metrics are at /metrics, health checks at /ready and /live\n", {}
+
+
+async def _serve(metrics: Metrics, ready: Callable[[], bool] | None,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
     words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
     headers = {}
@@ -42,11 +62,8 @@ async def _serve(metrics: Metrics, reader: asyncio.StreamReader,
     elif words[0] not in ("GET", "HEAD"):
         status, body = "405 Method Not Allowed", b"use GET\n"
         headers["Allow"] = "GET, HEAD"
-    elif words[1].split("?", 1)[0] != "/metrics":
-        status, body = "404 Not Found", b"the metrics are at /metrics\n"
     else:
-        status, body = "200 OK", metrics.render()
-        headers["Content-Type"] = CONTENT_TYPE_LATEST
+        status, body, headers = _answer(metrics, ready, words[1].split("?", 1)[0])
     headers.setdefault("Content-Type", "text/plain; charset=utf-8")
     headers.update({"Content-Length": str(len(body)), "Connection": "close"})
     lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]

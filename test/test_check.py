@@ -277,6 +277,76 @@ def test_run_check_here_writes_a_report() -> None:
     assert out.getvalue().startswith("MPTCP check for this network namespace (as a server)")
 
 
+# -- the kernel's join counters (/proc/net/netstat): joins refused or unanswered ---------------
+
+def counters(**kw: int) -> dict[str, int]:
+    return {"MPJoinNoTokenFound": 0, "MPJoinSynTx": 0, "MPJoinSynAckRx": 0, **kw}
+
+
+def test_joins_for_unknown_connections_on_a_server() -> None:
+    # a load balancer spreading joins: this server resets those meant for another one
+    st = state(counters=counters(MPJoinNoTokenFound=20))
+    note = next(f for f in diagnose(st, "server") if "MPJoinNoTokenFound" in f.text)
+    assert not note.blocking and not note.warn
+    assert "MPJoinNoTokenFound is 20: joins for unknown connections arrive here: is a load " \
+        "balancer spreading subflows" in note.text and "docs/scale-out.md" in note.text
+    assert note.fixes == ("ip mptcp endpoint add OWN_ADDR dev DEV signal && sysctl -w "
+                          "net.mptcp.allow_join_initial_addr_port=0   (on every server behind "
+                          "the load balancer: docs/scale-out.md)",)
+    # half of the remedy in place: the fix names the other half only
+    half = replace(st, endpoints=(SECOND,), local_addresses=TWO_ADDRESSES)
+    assert all_fixes(diagnose(half, "server")) == [
+        "sysctl -w net.mptcp.allow_join_initial_addr_port=0   (on every server behind the "
+        "load balancer: docs/scale-out.md)"]
+    done = replace(half, allow_join_initial_addr_port=0)
+    assert "may predate that" in all_fixes(diagnose(done, "server"))[0]
+    # a client is not told about joins it received
+    assert not [f for f in diagnose(st, "client") if "MPJoinNoTokenFound" in f.text]
+    assert "MPJoinNoTokenFound is" not in run_check_report(state(counters=counters()), "server")
+
+
+def run_check_report(st: KernelState, mode: str | None) -> str:
+    return format_report(st, diagnose(st, mode), mode)
+
+
+def test_joins_sent_but_not_answered_on_a_client() -> None:
+    st = state(counters=counters(MPJoinSynTx=20, MPJoinSynAckRx=2))
+    findings = diagnose(st, "client")
+    assert not blocking(findings)
+    note = next(f for f in findings if "not answered" in f.text)
+    assert note.text.startswith("18 of the 20 joins this host sent were not answered "
+                                "(MPJoinSynTx 20, MPJoinSynAckRx 2)")
+    assert "error=111" in note.text
+    assert "sysctl -w net.mptcp.allow_join_initial_addr_port=0" in note.fixes[0]
+    assert note.fixes[1].startswith("ip route add ANNOUNCED_ADDR via GATEWAY dev DEV")
+    assert not [f for f in diagnose(st, "server") if "not answered" in f.text]
+    # all answered, or a kernel without MPJoinSynTx: nothing to say
+    assert not [f for f in diagnose(state(counters=counters(MPJoinSynTx=3, MPJoinSynAckRx=3)))
+                if "not answered" in f.text]
+    assert not [f for f in diagnose(state(counters={"MPJoinSynAckRx": 0})) if "answered" in f.text]
+
+
+def test_join_counters_in_the_report() -> None:
+    text = run_check_report(state(counters=counters(MPJoinSynTx=5, MPJoinSynAckRx=5)), None)
+    assert ("  join counters: MPJoinSynTx 5, MPJoinSynAckRx 5, MPJoinNoTokenFound 0 (since the "
+            "namespace was made)\n") in text
+    assert text.endswith("extra subflows are possible.\n")  # notes never change the exit code
+    assert "join counters" not in run_check_report(state(), None)  # not read: not shown
+
+
+def test_read_state_reads_the_counters(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    netstat = tmp_path / "netstat"
+    netstat.write_text("TcpExt: SyncookiesSent X\nTcpExt: 0 1\n"
+                       "MPTcpExt: MPCapableSYNRX MPJoinNoTokenFound MPJoinSynTx\n"
+                       "MPTcpExt: 4 7 9\n")
+    monkeypatch.setattr(kernelstate, "NETSTAT", netstat)
+    assert kernelstate.read_counters(netstat) == {
+        "MPCapableSYNRX": 4, "MPJoinNoTokenFound": 7, "MPJoinSynTx": 9}
+    assert kernelstate.read_counters(tmp_path / "missing") is None
+    netstat.write_text("TcpExt: A\nTcpExt: 1\n")  # a kernel without MPTCP
+    assert kernelstate.read_counters(netstat) is None
+
+
 # -- in network namespaces ------------------------------------------------------------------------
 
 @pytest.fixture

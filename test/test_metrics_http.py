@@ -22,10 +22,11 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 def with_server(loop_name: str, metrics: Metrics,
-                body: Callable[[int], Awaitable[object]]) -> object:
+                body: Callable[[int], Awaitable[object]],
+                ready: Callable[[], bool] | None = None) -> object:
     """Run `body(port)` in a loop of that kind while the metrics endpoint listens."""
     async def main() -> object:
-        server = await start_metrics_server(metrics, "127.0.0.1", 0)
+        server = await start_metrics_server(metrics, "127.0.0.1", 0, ready=ready)
         try:
             port = server.sockets[0].getsockname()[1]
             return await asyncio.wait_for(body(port), TIMEOUT)
@@ -92,9 +93,42 @@ def test_other_paths_and_methods(loop_name: str) -> None:
 
     (s404, _, b404), (s405, h405, _), (shead, hhead, bhead) = with_server(
         loop_name, Metrics(), body)
-    assert s404 == 404 and b"/metrics" in b404
+    assert s404 == 404 and b"/metrics" in b404 and b"/ready" in b404
     assert s405 == 405 and h405["Allow"] == "GET, HEAD"
     assert shead == 200 and bhead == b"" and int(hhead["Content-Length"]) > 100
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_ready_follows_the_callable_and_live_stays(loop_name: str) -> None:
+    """A load balancer's health check: /ready is 200 while serving, 503 from the stop
+    signal on (the callable turned false), while /live stays 200 and /metrics works."""
+    serving = [True]
+
+    async def body(port: int) -> object:
+        before = [await in_thread(fetch, port, path) for path in ("/ready", "/live")]
+        serving[0] = False
+        after = [await in_thread(fetch, port, *args) for args in
+                 [("/ready",), ("/ready?x=1", "HEAD"), ("/live",), ("/metrics",)]]
+        return before, after
+
+    before, after = with_server(loop_name, Metrics(), body, ready=lambda: serving[0])
+    (r_status, r_headers, r_body), (l_status, _, l_body) = before
+    assert (r_status, r_body, l_status, l_body) == (200, b"ready\n", 200, b"live\n")
+    assert r_headers["Content-Type"] == "text/plain; charset=utf-8"
+    (r_status, _, r_body), (h_status, h_headers, h_body), (l_status, _, l_body), \
+        (m_status, _, _) = after
+    assert (r_status, r_body) == (503, b"stopping\n")
+    assert (h_status, h_body, h_headers["Content-Length"]) == (503, b"", "9")
+    assert (l_status, l_body, m_status) == (200, b"live\n", 200)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_ready_without_a_callable(loop_name: str) -> None:
+    async def body(port: int) -> object:
+        return await in_thread(fetch, port, "/ready")
+
+    status, _, text = with_server(loop_name, Metrics(), body)
+    assert (status, text) == (200, b"ready\n")
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
