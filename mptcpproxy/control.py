@@ -5,22 +5,20 @@ It never touches payload bytes."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
 import socket
 from collections.abc import Sequence
 
-from mptcpproxy import check, connlog, logsetup, sdlisten, sockets
-from mptcpproxy.accepting import warn_once
+from mptcpproxy import check, logsetup, sdlisten, sockets
 from mptcpproxy.config import Config
-from mptcpproxy.connect import OUT_OF_RESOURCES, literal
 from mptcpproxy.connlog import Conn, reason
+from mptcpproxy.joinwatch import JoinWatch, tick_interval
 from mptcpproxy.listener import Listener, ListenerError
-from mptcpproxy.metrics import Metrics, connect_failure_reason, start_metrics_server
+from mptcpproxy.metrics import Metrics, start_metrics_server
 from mptcpproxy.relay import ENGINE, Relay
-from mptcpproxy.relay._results import ACCEPT_ERROR, FAILED, Result
+from mptcpproxy.results import Results
 from mptcpproxy.sdnotify import sd_notify
 
 log = logging.getLogger("mptcpproxy")
@@ -34,7 +32,7 @@ class StartupError(Exception):
     """The proxy cannot start; the message is one sentence for a person."""
 
 
-class Proxy:
+class Proxy(Results):
     """One process: the relay, the metrics server and every listener."""
 
     def __init__(self, configs: Sequence[Config] | Config, config_path: str | None = None,
@@ -53,6 +51,8 @@ class Proxy:
         self._reloading: asyncio.Task | None = None
         self._retired_timer: asyncio.TimerHandle | None = None
         self._collects = 0  # collect() calls so far (see _close_retired)
+        self.joinwatch: JoinWatch | None = None  # with an MPTCP leg: refused joins
+        self._joinwatch_timer: asyncio.TimerHandle | None = None
         self.cli_level: int | None = None  # -v/-q on the command line: a reload keeps it
         self.metrics = Metrics(
             active=self._active_by_listener,
@@ -113,7 +113,7 @@ class Proxy:
         if cfg.metrics is not None:
             try:
                 self.metrics_server = await start_metrics_server(
-                    self.metrics, cfg.metrics.host, cfg.metrics.port)
+                    self.metrics, cfg.metrics.host, cfg.metrics.port, ready=lambda: self.ready)
             except OSError as exc:
                 raise StartupError(self._metrics_error(exc)) from None
         loop = asyncio.get_running_loop()
@@ -125,6 +125,9 @@ class Proxy:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        if any(c.listen_mptcp or c.upstream_mptcp for c in self.configs):
+            self.joinwatch = JoinWatch()
+            self._watch_joins()
         log.info("%d listener(s), %d relay worker(s), %s engine", len(self.listeners),
                  cfg.worker_count, ENGINE)
 
@@ -178,6 +181,13 @@ class Proxy:
 
     # -- signals --------------------------------------------------------------------------
 
+    def _watch_joins(self) -> None:
+        # Once a minute: connections that kept one subflow while the kernel refused joins
+        # (a load balancer spreading subflows?): one warning, pointing to docs/scale-out.md.
+        self.joinwatch.tick()
+        self._joinwatch_timer = asyncio.get_running_loop().call_later(
+            tick_interval(), self._watch_joins)
+
     def _on_stop_signal(self) -> None:
         if self.stopping.is_set():
             self.hurry = True
@@ -200,82 +210,6 @@ class Proxy:
 
         self._reloading = asyncio.get_running_loop().create_task(reload(self))
         self._reloading.add_done_callback(_log_crash)
-
-    # -- results --------------------------------------------------------------------------
-
-    def _on_results(self) -> None:
-        # Every collect goes through here, the drain's last one too: a connect failure is
-        # never reported as a closed connection, an accept error never dropped.
-        self._collects += 1
-        for result in self.relay.collect():
-            lst = self.by_tag.get(result.tag)
-            if lst is None:
-                continue
-            if result.reason == FAILED:
-                self._log_failed(lst, result)
-            elif result.reason == ACCEPT_ERROR:
-                lst.metrics.accept_error()
-                self._warn_once("accept-fds", "cannot accept: %s; pausing accepts for 100 ms",
-                                os.strerror(result.errno))
-            else:
-                self._log_result(lst, result)
-        if self.retired and self._retired_timer is None:
-            self._close_retired()
-
-    def _warn_once(self, key: str, msg: str, *args) -> None:
-        warn_once(self._last_warning, key, msg, *args)
-
-    def _log_failed(self, lst: Listener, r: Result) -> None:
-        # A connection the relay accepted itself whose upstream could not be reached.
-        exc = TimeoutError("timed out") if r.errno == errno.ETIMEDOUT else OSError(
-            r.errno, os.strerror(r.errno))
-        lst.metrics.connect_failed(connect_failure_reason(exc))
-        if r.errno in OUT_OF_RESOURCES:  # a burst of these: one line a second is enough
-            self._warn_once("accept-fds", "cannot accept: %s; closing new connections and "
-                            "pausing accepts for 100 ms", os.strerror(r.errno))
-            return
-        log.warning(
-            "conn %d from %s: upstream %s failed: %s; closing the client connection",
-            r.conn_id, sockets.peer_name(r.client), lst.config.remote, reason(exc),
-        )
-
-    def _log_result(self, lst: Listener, r: Result) -> None:
-        conn = self.conns.pop(r.conn_id, None)
-        if conn is None:
-            if r.client is None:
-                return
-            c = lst.config  # accepted by the relay itself: -r is the upstream
-            conn = Conn(r.client, literal(c.remote)[1], not c.disable_mptcp)
-        lst.metrics.connection_closed(r, conn.mptcp_leg)
-        connlog.log_end(r, conn)
-
-    def _close_retired(self) -> None:
-        # A listener a reload removed closes once its last connection has ended; one it
-        # replaced, as soon as the workers let go of it (after a sweep of its backlog). It
-        # is forgotten (its tag free again) only after a collect that followed: its pairs'
-        # Results are all in by then. Polled while any is left.
-        self._retired_timer = None
-        for lst in list(self.retired):
-            if (lst.listener is not None and not lst.held_by_workers
-                    and (lst.handing_over or lst.open_count == 0)):
-                if lst.handing_over and lst.sweep_on_close:
-                    lst.sweep()
-                lst.close()
-                log.info("listener %s: %s", lst.title, "handed over to its new socket"
-                         if lst.handing_over else "closed, its last connection ended")
-            if lst.listener is None and lst.open_count == 0 and not self.stopping.is_set():
-                if lst.gone_at is None:
-                    lst.gone_at = self._collects
-                elif self._collects > lst.gone_at:
-                    self.retired.remove(lst)
-                    self.by_tag.pop(lst.tag, None)
-        if self.retired and not self.stopping.is_set():
-            self._retired_timer = asyncio.get_running_loop().call_later(
-                0.02, self._poll_retired)
-
-    def _poll_retired(self) -> None:
-        self._retired_timer = None
-        self._on_results()
 
     # -- serve and stop -------------------------------------------------------------------
 
@@ -334,6 +268,8 @@ class Proxy:
         if self._retired_timer is not None:
             self._retired_timer.cancel()
             self._retired_timer = None
+        if self._joinwatch_timer is not None:
+            self._joinwatch_timer.cancel()
         for lst in list(self.listeners.values()):
             if lst.listener is None:
                 continue

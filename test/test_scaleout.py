@@ -295,7 +295,6 @@ def ask(host: Host, path: str) -> str:
 # ready=lambda: proxy.ready) and the listener kept open during the drain): strict, so the
 # test fails as soon as it passes with the mark still on. On main it fails at /ready (200
 # after SIGTERM) and at the rejoin (the listener closed at once: the join is reset).
-@pytest.mark.xfail(strict=True, reason="needs the drain of issue 14 in control.py")
 def test_backend_removed_then_stopped_drains(testbed: TestBed) -> None:
     """b1 is removed from the load balancer's map mid-transfer, then sent SIGTERM: /ready
     turns 503, its in-flight transfer completes intact (a join for it during the drain still
