@@ -270,6 +270,8 @@ class Proxy(Results):
             self._retired_timer = None
         if self._joinwatch_timer is not None:
             self._joinwatch_timer.cancel()
+        for lst in self.all_listeners:
+            lst.cancel_header_reads()  # a client still owing its header is not kept waiting
         for lst in list(self.listeners.values()):
             if lst.listener is None:
                 continue

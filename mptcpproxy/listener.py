@@ -22,6 +22,7 @@ from mptcpproxy.accepting import Accepting
 from mptcpproxy.config import Config
 from mptcpproxy.connect import Attempt, literal, resolve
 from mptcpproxy.connlog import Conn, reason
+from mptcpproxy.proxyhdr import HeaderRead
 
 log = logging.getLogger("mptcpproxy")
 
@@ -210,6 +211,12 @@ class Listener(Accepting):
             self._resolving.cancel()
         if cancel:
             self.cancel_setups()
+
+    def cancel_header_reads(self) -> None:
+        """A stop: close the clients still owing their PROXY header (the others go on)."""
+        for read in [a for a in self.connecting if isinstance(a, HeaderRead)]:
+            read.cancel()
+            self.connecting.discard(read)
 
     def cancel_setups(self) -> None:
         """Give up the connections still being set up (their clients are closed)."""
