@@ -10,7 +10,7 @@ SERVICE_PACKAGES := haproxy nginx
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
 	gcc libc6-dev python3-dev python3-venv $(SERVICE_PACKAGES)
-BENCH_APT_PACKAGES := haproxy socat mptcpd
+BENCH_APT_PACKAGES := haproxy socat mptcpize
 # the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
 ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \

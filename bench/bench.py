@@ -175,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         plan.peers = tuple(args.peers.split(","))
     peers = [pe for pe in PEERS if not plan.peers or pe.key in plan.peers]
     peers += [variant_peer(spec) for spec in args.variant]
-    for pe in [pe for pe in peers if pe.needs and not shutil.which(pe.needs)]:
-        log(f"{pe.key}: {pe.needs} is not installed; skipped (make bench installs it)")
-        peers.remove(pe)
+    skipped: dict[str, str] = {}
+    for pe in list(peers):
+        why = (f"{pe.needs} is not installed (make bench installs it)"
+               if pe.needs and not shutil.which(pe.needs) else pe.check() if pe.check else None)
+        if why:
+            log(f"{pe.key}: skipped: {why}")
+            skipped[pe.key] = why
+            peers.remove(pe)
 
     nofile = raise_nofile()
     binary = build_loadgen(args.out)
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     rec.emit(type="meta", plan=plan.__dict__, peers=[pe.key for pe in peers],
              quick=args.quick, smoke=args.smoke, nofile=nofile, max_relayed=max_relayed(),
-             **info)
+             skipped=skipped, **info)
     log(f"results: {path}")
     try:
         run_loopback(peers, plan, binary, rec)
