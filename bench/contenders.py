@@ -174,7 +174,7 @@ def _haproxy_pair(s: Session, target: int) -> Started:
     client = s.proxy([*wrap, _haproxy_cfg(s, client_port, server_port)], client_port,
                      "haproxy-client")
     # a listener that is not MPTCP would make this plain HAProxy twice: say so, not measure it
-    mptcp = s.host.run(["ss", "-HMl"], timeout=10, check=False).stdout
+    mptcp = s.host.run(["ss", "-HMln"], timeout=10, check=False).stdout
     if f":{server_port}" not in mptcp:
         client.stop()
         server.stop()
