@@ -142,8 +142,9 @@ clean:
 	rm -f mptcp-proxy.1
 
 # the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python
-# twin, HAProxy and socat side by side; bench/results/*.jsonl, the table in bench/README.md
-# and bench/ratios.png. BENCH_QUICK=1: one short run; BENCH_ARGS: bench/bench.py's options
+# twin, HAProxy and socat side by side, the proxy pair beside two HAProxies under mptcpize;
+# bench/results/*.jsonl, the table in bench/README.md and bench/ratios.png. BENCH_QUICK=1:
+# one short run; BENCH_ARGS: bench/bench.py's options
 bench: EXTRA_APT = $(BENCH_APT_PACKAGES)
 bench: deps build
 	$(PY) -m pip install -q -r bench/requirements.txt

@@ -45,7 +45,8 @@ def chart(r: Results, png: Path) -> bool:
                 if v and ref:
                     xs.append(j + (i - (len(peers) - 1) / 2) * width)
                     ys.append(v / ref if BY_KEY[k].higher_is_better else ref / v)
-            ax.bar(xs, ys, width, label=PEER_LABELS.get(peer, peer))
+            # tab20: more peers than the default cycle has colours
+            ax.bar(xs, ys, width, label=PEER_LABELS.get(peer, peer), color=plt.cm.tab20(i % 20))
         for j, k in enumerate(metrics):
             if ax is axes[0] and k in TARGET_RATIOS:
                 ax.hlines(TARGET_RATIOS[k], j - 0.45, j + 0.45, colors="black",
