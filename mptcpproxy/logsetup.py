@@ -178,13 +178,16 @@ def line_writer(logger: logging.Logger) -> Callable[[Sequence[Line]], None] | No
             return "".join(json.dumps({"time": stamp, "level": "INFO", "logger": name,
                                        "message": msg, **extra}, default=str,
                                       ensure_ascii=False) + "\n" for msg, extra in batch)
-    elif type(fmt) is logging.Formatter and fmt._fmt in (TEXT_FORMAT, JOURNAL_FORMAT):
+    elif (type(fmt) is logging.Formatter and fmt._fmt in (TEXT_FORMAT, JOURNAL_FORMAT)
+          and fmt.datefmt is None):
         timed = fmt._fmt == TEXT_FORMAT
 
         def lines(batch: Sequence[Line], now: float) -> str:
-            # logging.Formatter.formatTime's default: local time, then ",mmm"
-            head = (f"{time.strftime(fmt.default_time_format, fmt.converter(now))},"
-                    f"{int((now - int(now)) * 1000):03d} INFO " if timed else "INFO ")
+            # as logging.Formatter.formatTime() without a datefmt
+            stamp = fmt.default_msec_format % (
+                time.strftime(fmt.default_time_format, fmt.converter(now)),
+                int((now - int(now)) * 1000))
+            head = f"{stamp} INFO " if timed else "INFO "
             return "".join(f"{head}{msg}\n" for msg, _ in batch)
     else:
         return None
