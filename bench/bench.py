@@ -15,7 +15,7 @@ this shared machine hits them all alike). Results: bench/results/<stamp>.jsonl (
 object a line), the table in bench/README.md and the chart bench/ratios.png.
 
     python bench/bench.py                   the full suite (about 14 minutes)
-    BENCH_QUICK=1 python bench/bench.py     one run, short durations (about 100 seconds)
+    BENCH_QUICK=1 python bench/bench.py     one run, short durations (about 2 minutes)
     python bench/bench.py --smoke --out DIR one metric, one peer, about a second
     python bench/bench.py --report FILE     table and chart again from a results file
 
