@@ -10,7 +10,7 @@ SERVICE_PACKAGES := haproxy nginx
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
 	gcc libc6-dev python3-dev python3-venv $(SERVICE_PACKAGES)
-BENCH_APT_PACKAGES := haproxy socat mptcpd
+BENCH_APT_PACKAGES := haproxy socat mptcpize
 # the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
 ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \
@@ -147,8 +147,9 @@ clean:
 	rm -f mptcp-proxy.1
 
 # the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python
-# twin, HAProxy and socat side by side; bench/results/*.jsonl, the table in bench/README.md
-# and bench/ratios.png. BENCH_QUICK=1: one short run; BENCH_ARGS: bench/bench.py's options
+# twin, HAProxy and socat side by side, the proxy pair beside two HAProxies under mptcpize;
+# bench/results/*.jsonl, the table in bench/README.md and bench/ratios.png. BENCH_QUICK=1:
+# one short run; BENCH_ARGS: bench/bench.py's options
 bench: EXTRA_APT = $(BENCH_APT_PACKAGES)
 bench: deps build
 	$(PY) -m pip install -q -r bench/requirements.txt

@@ -1,19 +1,21 @@
-"""`make bench`: mptcpproxy side by side with no proxy, HAProxy and socat.
+"""`make bench`: mptcpproxy side by side with no proxy, HAProxy and socat, and the proxy
+pair beside two HAProxies run under mptcpize.
 
 Every peer runs in a private network namespace made for it (loopback only), with a
 fresh iperf3 server and echo server, and is measured on: 1- and 8-stream throughput
 (iperf3 -J) with the proxy's CPU seconds per GB, ping-pong round trips/s and their
-latency, new connections/s and their set-up time, 1000 simultaneous connects, and the
-memory held per idle connection (1000 and 10,000 held). Then two namespaces joined by two
-100 Mbit/s paths compare the proxy pair with MPTCP sockets used directly and with one TCP
-path, and a path is cut in the middle of a checksummed transfer.
+latency, new connections/s (8, 16 and 64 in flight) and their set-up time, 1000
+simultaneous connects, and the memory held per idle connection (1000 and 10,000 held).
+Then two namespaces joined by two 100 Mbit/s paths compare the proxy pair with MPTCP
+sockets used directly and with one TCP path, and a path is cut in the middle of a
+checksummed transfer.
 
 Each figure is the median of 3 runs (the runs interleave the peers, so a burst of load on
 this shared machine hits them all alike). Results: bench/results/<stamp>.jsonl (one JSON
 object a line), the table in bench/README.md and the chart bench/ratios.png.
 
-    python bench/bench.py                   the full suite (about 9 minutes)
-    BENCH_QUICK=1 python bench/bench.py     one run, short durations (about 100 seconds)
+    python bench/bench.py                   the full suite (about 14 minutes)
+    BENCH_QUICK=1 python bench/bench.py     one run, short durations (about 2 minutes)
     python bench/bench.py --smoke --out DIR one metric, one peer, about a second
     python bench/bench.py --report FILE     table and chart again from a results file
 
@@ -175,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         plan.peers = tuple(args.peers.split(","))
     peers = [pe for pe in PEERS if not plan.peers or pe.key in plan.peers]
     peers += [variant_peer(spec) for spec in args.variant]
-    for pe in [pe for pe in peers if pe.needs and not shutil.which(pe.needs)]:
-        log(f"{pe.key}: {pe.needs} is not installed; skipped (make bench installs it)")
-        peers.remove(pe)
+    skipped: dict[str, str] = {}
+    for pe in list(peers):
+        why = (f"{pe.needs} is not installed (make bench installs it)"
+               if pe.needs and not shutil.which(pe.needs) else pe.check() if pe.check else None)
+        if why:
+            log(f"{pe.key}: skipped: {why}")
+            skipped[pe.key] = why
+            peers.remove(pe)
 
     nofile = raise_nofile()
     binary = build_loadgen(args.out)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     rec.emit(type="meta", plan=plan.__dict__, peers=[pe.key for pe in peers],
              quick=args.quick, smoke=args.smoke, nofile=nofile, max_relayed=max_relayed(),
-             **info)
+             skipped=skipped, **info)
     log(f"results: {path}")
     try:
         run_loopback(peers, plan, binary, rec)

@@ -62,7 +62,8 @@ class Plan:
     iperf_seconds: int = 3
     pingpong_seconds: float = 2.0
     connrate_seconds: float = 2.0
-    connrate_concurrency: int = 8
+    # new connections/s with this many in flight, each its own figure
+    connrate_concurrencies: tuple[int, ...] = (8, 16, 64)
     burst: int = 1000
     holds: tuple[int, ...] = (1000, 10_000)
     shaped_seconds: int = 5

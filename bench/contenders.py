@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from common import (
     ROOT,
     TWIN,
     TWIN_ENV,
+    BenchError,
     Plan,
     max_relayed,
 )
@@ -67,24 +69,45 @@ class Session:
         return proc
 
 
+# mptcpproxy runs with its default logging (an INFO line per connection, to a file here)
+# unless a peer asks for -q: the issue's targets are judged on the default command line
+DRAIN = ("--drain-timeout", "1")
+
+
 def _mptcpproxy(boot: list[str], env: dict[str, str],
                 *extra: str) -> Callable[[Session, int], Started]:
     def start(s: Session, target: int) -> Started:
         port = s.port()
         argv = [*boot, "-m", "client", "-p", str(port), "-r", f"127.0.0.1:{target}",
-                "-q", "--drain-timeout", "1", "--disable-mptcp", *extra]
+                *DRAIN, "--disable-mptcp", *extra]
         return Started(port, [s.proxy(argv, port, "mptcpproxy", env)])
     return start
 
 
-def _pair(s: Session, target: int) -> Started:
-    client_port, server_port = s.port(), s.port()
-    common = ["-q", "--drain-timeout", "1"]
-    server = s.proxy([*PROXY, "-m", "server", "-p", str(server_port),
-                      "-r", f"127.0.0.1:{target}", *common], server_port, "server-proxy")
-    client = s.proxy([*PROXY, "-m", "client", "-p", str(client_port),
-                      "-r", f"127.0.0.1:{server_port}", *common], client_port, "client-proxy")
-    return Started(client_port, [client, server])
+def _pair(env: dict[str, str], *extra: str) -> Callable[[Session, int], Started]:
+    """Client proxy -> MPTCP -> server proxy -> target, two processes."""
+    def start(s: Session, target: int) -> Started:
+        client_port, server_port = s.port(), s.port()
+        server = s.proxy([*PROXY, "-m", "server", "-p", str(server_port),
+                          "-r", f"127.0.0.1:{target}", *DRAIN, *extra], server_port,
+                         "server-proxy", env)
+        client = s.proxy([*PROXY, "-m", "client", "-p", str(client_port),
+                          "-r", f"127.0.0.1:{server_port}", *DRAIN, *extra], client_port,
+                         "client-proxy", env)
+        return Started(client_port, [client, server])
+    return start
+
+
+def _has_flag(flag: str) -> Callable[[], str | None]:
+    """None when this tree's mptcp-proxy knows `flag`, else why the peer is skipped."""
+    def check() -> str | None:
+        try:
+            res = subprocess.run([*PROXY, "--help"], capture_output=True, text=True,
+                                 timeout=60, env={**os.environ, **PROXY_ENV})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"mptcp-proxy --help failed: {exc}"
+        return None if flag in res.stdout else f"this mptcp-proxy has no {flag}"
+    return check
 
 
 SPLICE_PIPES = 1024
@@ -117,20 +140,46 @@ SPLICE_OPTIONS = {
 }
 
 
+def _haproxy_cfg(s: Session, port: int, target: int, splice: str = "",
+                 busy: bool = False) -> str:
+    cfg = Path(s.bed.log_dir) / f"haproxy-{port}.cfg"
+    cfg.write_text(HAPROXY_CFG.format(
+        threads=len(os.sched_getaffinity(0)), port=port, target=target,
+        # splicing needs 2 fds per pipe too: a fixed pool of pipes, fewer connections
+        maxconn=max_relayed() - (SPLICE_PIPES if splice else 0),
+        pipes=f"    maxpipes {SPLICE_PIPES}" if splice else "",
+        # its pollers never sleep (a null timeout), on every thread, idle or not
+        busy="    busy-polling" if busy else "",
+        splice=SPLICE_OPTIONS[splice]))
+    return str(cfg)
+
+
 def _haproxy(splice: str, busy: bool = False) -> Callable[[Session, int], Started]:
     def start(s: Session, target: int) -> Started:
         port = s.port()
-        cfg = Path(s.bed.log_dir) / f"haproxy-{port}.cfg"
-        cfg.write_text(HAPROXY_CFG.format(
-            threads=len(os.sched_getaffinity(0)), port=port, target=target,
-            # splicing needs 2 fds per pipe too: a fixed pool of pipes, fewer connections
-            maxconn=max_relayed() - (SPLICE_PIPES if splice else 0),
-            pipes=f"    maxpipes {SPLICE_PIPES}" if splice else "",
-            # its pollers never sleep (a null timeout), on every thread, idle or not
-            busy="    busy-polling" if busy else "",
-            splice=SPLICE_OPTIONS[splice]))
-        return Started(port, [s.proxy(["haproxy", "-db", "-f", str(cfg)], port, "haproxy")])
+        cfg = _haproxy_cfg(s, port, target, splice, busy)
+        return Started(port, [s.proxy(["haproxy", "-db", "-f", cfg], port, "haproxy")])
     return start
+
+
+def _haproxy_pair(s: Session, target: int) -> Started:
+    """What a user deploys without mptcpproxy: HAProxy 2.6 has no MPTCP of its own, so
+    both HAProxies run under `mptcpize` (every socket they open is MPTCP, as HAProxy
+    >= 3.1 does natively): client -> HAProxy -> MPTCP -> HAProxy -> target. Its TCP legs
+    fall back to TCP (the client and the target speak TCP)."""
+    client_port, server_port = s.port(), s.port()
+    wrap = ["mptcpize", "run", "haproxy", "-db", "-f"]
+    server = s.proxy([*wrap, _haproxy_cfg(s, server_port, target)], server_port,
+                     "haproxy-server")
+    client = s.proxy([*wrap, _haproxy_cfg(s, client_port, server_port)], client_port,
+                     "haproxy-client")
+    # a listener that is not MPTCP would make this plain HAProxy twice: say so, not measure it
+    mptcp = s.host.run(["ss", "-HMln"], timeout=10, check=False).stdout
+    if f":{server_port}" not in mptcp:
+        client.stop()
+        server.stop()
+        raise BenchError(f"HAProxy under mptcpize does not listen with MPTCP: {mptcp!r}")
+    return Started(client_port, [client, server])
 
 
 def _socat(s: Session, target: int) -> Started:
@@ -142,7 +191,8 @@ def _socat(s: Session, target: int) -> Started:
 
 
 def variant_peer(spec: str) -> Peer:
-    """`KEY=ROOT[::ARGS]`: mptcpproxy TCP->TCP from another tree (a lever to measure)."""
+    """`KEY=ROOT[::ARGS]`: mptcpproxy TCP->TCP from another tree (a lever to measure), or
+    the proxy pair from it when KEY starts with "pair"."""
     key, _, rest = spec.partition("=")
     root, _, args = rest.partition("::")
     env = {**PROXY_ENV, "PYTHONPATH": str(Path(root or ROOT).resolve())}
@@ -150,10 +200,9 @@ def variant_peer(spec: str) -> Peer:
     def start(s: Session, target: int) -> Started:
         port = s.port()
         argv = [*PROXY, "-m", "client", "-p", str(port), "-r",
-                f"127.0.0.1:{target}", "-q", "--drain-timeout", "1", "--disable-mptcp",
-                *args.split()]
+                f"127.0.0.1:{target}", *DRAIN, "--disable-mptcp", *args.split()]
         return Started(port, [s.proxy(argv, port, key, env)])
-    return Peer(key, start)
+    return Peer(key, _pair(env, *args.split()) if key.startswith("pair") else start)
 
 
 @dataclass(frozen=True)
@@ -164,16 +213,20 @@ class Peer:
     max_hold: int = 1 << 30  # the most idle connections it is asked to hold
     groups: tuple[str, ...] = ()  # the only measurement groups it takes part in; (): all
     spins: bool = False  # busy even when idle: stopped as soon as it was measured
+    # None when it can run here, else why it is skipped (checked once, at the start)
+    check: Callable[[], str | None] | None = None
 
 
+PATH_STATS_OFF = "--no-path-stats"
 PEERS = [
     Peer("direct", None),
     Peer("tcp", _mptcpproxy(PROXY, PROXY_ENV)),
+    # what the per-connection log line costs
+    Peer("tcp-quiet", _mptcpproxy(PROXY, PROXY_ENV, "-q"), groups=("tput", "echo")),
     # the set-ups a user picks for bulk (less CPU per byte) and for latency
     Peer("tcp-splice", _mptcpproxy(PROXY, PROXY_ENV, "--splice"), groups=("tput",)),
     Peer("tcp-busy", _mptcpproxy(PROXY, PROXY_ENV, f"--busy-poll={BUSY_POLL_US}"),
          groups=("echo",)),
-    Peer("pair", _pair),
     Peer("py", _mptcpproxy(TWIN, TWIN_ENV)),
     Peer("haproxy", _haproxy(""), "haproxy"),
     Peer("haproxy-busy", _haproxy("", busy=True), "haproxy", groups=("echo",), spins=True),
@@ -182,4 +235,10 @@ PEERS = [
     Peer("haproxy-splice-forced", _haproxy("forced"), "haproxy", max_hold=1000),
     # a process per connection: 10,000 of them would be 10,000 forks
     Peer("socat", _socat, "socat", max_hold=1000),
+    # the product's own job, next to what a user would deploy instead
+    Peer("pair", _pair(PROXY_ENV)),
+    # the per-path sampling of MPTCP subflows off (the flag comes with that sampling)
+    Peer("pair-no-paths", _pair(PROXY_ENV, PATH_STATS_OFF), groups=("tput", "echo"),
+         check=_has_flag(PATH_STATS_OFF)),
+    Peer("haproxy-pair", _haproxy_pair, "mptcpize", groups=("tput", "echo")),
 ]

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import report
 from common import (
     ECHO_PORT,
     IPERF_PORT,
@@ -25,6 +24,7 @@ from common import (
     process_tree,
 )
 from contenders import Peer, Session, Started
+from figures import fmt
 from netns import Host, TestBed
 
 
@@ -42,7 +42,7 @@ class Recorder:
         if value is None:
             return
         self.emit(type="sample", metric=metric, peer=peer, run=run, value=value, **extra)
-        log(f"  {peer:15} {metric:22} {report.fmt(metric, value)}")
+        log(f"  {peer:15} {metric:22} {fmt(metric, value)}")
 
     def close(self) -> None:
         self.file.close()
@@ -136,19 +136,28 @@ def measure_pingpong_one_cpu(s: Session, peer: Peer, st: Started, rec: Recorder,
                errors=pp["errors"], p50_us=pp["p50_us"], p99_us=pp["p99_us"])
 
 
-def measure_connrate(s: Session, peer: Peer, st: Started, rec: Recorder, run: int) -> None:
+def connrate_key(concurrency: int, what: str) -> str:
+    """conn_per_s for 8 in flight (the key of earlier results), conn16_per_s for 16..."""
+    return f"conn{'' if concurrency == 8 else concurrency}_{what}"
+
+
+def measure_connrate(s: Session, peer: Peer, st: Started, rec: Recorder, run: int,
+                     concurrency: int) -> None:
     secs = s.plan.connrate_seconds
     cpu0 = cpu_seconds(st.pids)
-    cr = loadgen(s, "connrate", "127.0.0.1", st.port, secs, s.plan.connrate_concurrency,
-                 2_000_000, timeout=secs + 30)
+    cr = loadgen(s, "connrate", "127.0.0.1", st.port, secs, concurrency, 2_000_000,
+                 timeout=secs + 30)
     time.sleep(0.1)  # the last connections' closes and reports
     cpu = cpu_seconds(st.pids) - cpu0
-    rec.sample("conn_per_s", peer.key, run, cr["rate"], count=cr["count"],
-               errors=cr["errors"], stuck=cr["stuck"], concurrency=cr["concurrency"])
+    rec.sample(connrate_key(concurrency, "per_s"), peer.key, run, cr["rate"],
+               count=cr["count"], errors=cr["errors"], stuck=cr["stuck"],
+               concurrency=cr["concurrency"])
     if st.procs and cr["count"]:
-        rec.sample("conn_cpu_us", peer.key, run, cpu / cr["count"] * 1e6, cpu_s=round(cpu, 3))
-    rec.sample("conn_p50_us", peer.key, run, cr["p50_us"])
-    rec.sample("conn_p99_us", peer.key, run, cr["p99_us"], max_us=cr["max_us"])
+        rec.sample(connrate_key(concurrency, "cpu_us"), peer.key, run,
+                   cpu / cr["count"] * 1e6, cpu_s=round(cpu, 3))
+    rec.sample(connrate_key(concurrency, "p50_us"), peer.key, run, cr["p50_us"])
+    rec.sample(connrate_key(concurrency, "p99_us"), peer.key, run, cr["p99_us"],
+               max_us=cr["max_us"])
 
 
 def measure_burst(s: Session, peer: Peer, st: Started, rec: Recorder, run: int) -> None:
@@ -243,8 +252,9 @@ def loopback_run(s: Session, order: list[Peer], rec: Recorder, run: int) -> None
     if "echo" in groups and shutil.which("taskset"):
         steps.append(("echo", "ping-pong on one CPU", ECHO_PORT, measure_pingpong_one_cpu, ()))
     if "echo" in groups:
-        steps += [("echo", "connection rate", ECHO_PORT, measure_connrate, ()),
-                  ("echo", "burst", ECHO_PORT, measure_burst, ())]
+        steps += [("echo", f"connection rate, {n} in flight", ECHO_PORT, measure_connrate, (n,))
+                  for n in s.plan.connrate_concurrencies]
+        steps.append(("echo", "burst", ECHO_PORT, measure_burst, ()))
     try:
         for group, what, target, fn, extra in steps:
             s.serve(target)

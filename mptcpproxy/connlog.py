@@ -6,8 +6,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Sequence
 
-from mptcpproxy import sockets
+from mptcpproxy import logsetup, sockets
 from mptcpproxy.relay._results import Result
 
 log = logging.getLogger("mptcpproxy")
@@ -37,8 +38,26 @@ def reason(exc: BaseException) -> str:
 
 def log_end(r: Result, conn: Conn) -> None:
     """The line for a finished pair: how it ended, the bytes, and whether MPTCP was used."""
-    if not log.isEnabledFor(logging.INFO):
+    if log.isEnabledFor(logging.INFO):
+        msg, extra = end_line(r, conn)
+        log.info("%s", msg, extra=extra)
+
+
+def log_ends(ends: Sequence[tuple[Result, Conn]]) -> None:
+    """The lines for many finished pairs, in order, written at once where the logging
+    set-up allows it (logsetup.line_writer): a line each, as log_end() writes it."""
+    if not ends or not log.isEnabledFor(logging.INFO):
         return
+    write = logsetup.line_writer(log)
+    if write is None:
+        for r, conn in ends:
+            log_end(r, conn)
+    else:
+        write([end_line(r, conn) for r, conn in ends])
+
+
+def end_line(r: Result, conn: Conn) -> tuple[str, dict]:
+    """A finished pair's message and its fields (the JSON format's keys)."""
     how = r.reason
     if r.errno:
         how += f" ({os.strerror(r.errno).lower()})"
@@ -50,13 +69,11 @@ def log_end(r: Result, conn: Conn) -> None:
         mptcp = "mptcp=no (fell back to TCP)"
     client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
     via = sockets.peer_name(conn.via) if conn.via else None
-    log.info(
-        "conn %d %s: client %s%s upstream %s sent %d B received %d B in %.3f s, %s",
-        r.conn_id, how, client, f" via {via}" if via else "", upstream, r.bytes_ab,
-        r.bytes_ba, r.duration, mptcp,
-        extra={"event": "conn_end", "conn_id": r.conn_id, "client": client, "via": via,
-               "upstream": upstream, "reason": r.reason, "errno": r.errno,
-               "bytes_client_to_upstream": r.bytes_ab,
-               "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
-               "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows},
-    )
+    msg = (f"conn {r.conn_id} {how}: client {client}{f' via {via}' if via else ''} upstream "
+           f"{upstream} sent {r.bytes_ab} B received {r.bytes_ba} B in {r.duration:.3f} s, "
+           f"{mptcp}")
+    return msg, {"event": "conn_end", "conn_id": r.conn_id, "client": client, "via": via,
+                 "upstream": upstream, "reason": r.reason, "errno": r.errno,
+                 "bytes_client_to_upstream": r.bytes_ab,
+                 "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
+                 "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows}

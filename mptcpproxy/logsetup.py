@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from types import FrameType
 
@@ -139,3 +141,69 @@ def setup_logging(level: int = logging.INFO, log_file: str | None = None,
         # Until the control plane's loop takes SIGHUP over, it means "reopen" here.
         signal.signal(signal.SIGHUP, _on_sighup)
     return handler
+
+
+# -- many records at once ---------------------------------------------------------------
+
+Line = tuple[str, dict]  # a message, formatted, and its `extra=` fields
+
+
+def line_writer(logger: logging.Logger) -> Callable[[Sequence[Line]], None] | None:
+    """A writer of INFO lines for `logger` that formats them all at once and writes them
+    with one call, as setup_logging()'s handler would have written them one by one; None
+    when anything else could see the records (another handler or a filter: pytest's
+    caplog, an embedding application), which then go through `logger` one by one.
+
+    The logging module costs about 8 µs per record (LogRecord, caller lookup, format,
+    a flush each); this writer about 1 µs a line, one write per batch."""
+    root = logging.getLogger()
+    if len(_installed) != 1 or root.handlers != _installed or root.filters:
+        return None
+    handler = _installed[0]
+    if handler.filters or handler.level > logging.INFO or logging.root.manager.disable >= \
+            logging.INFO:
+        return None
+    node: logging.Logger | None = logger
+    while node is not None and node is not root:
+        if node.handlers or node.filters or not node.propagate:
+            return None
+        node = node.parent
+    fmt = handler.formatter
+    if isinstance(fmt, JsonFormatter):
+        name = logger.name
+
+        def lines(batch: Sequence[Line], now: float) -> str:
+            stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z")
+            return "".join(json.dumps({"time": stamp, "level": "INFO", "logger": name,
+                                       "message": msg, **extra}, default=str,
+                                      ensure_ascii=False) + "\n" for msg, extra in batch)
+    elif (type(fmt) is logging.Formatter and fmt._fmt in (TEXT_FORMAT, JOURNAL_FORMAT)
+          and fmt.datefmt is None):
+        timed = fmt._fmt == TEXT_FORMAT
+
+        def lines(batch: Sequence[Line], now: float) -> str:
+            # as logging.Formatter.formatTime() without a datefmt
+            stamp = fmt.default_msec_format % (
+                time.strftime(fmt.default_time_format, fmt.converter(now)),
+                int((now - int(now)) * 1000))
+            head = f"{stamp} INFO " if timed else "INFO "
+            return "".join(f"{head}{msg}\n" for msg, _ in batch)
+    else:
+        return None
+
+    def write(batch: Sequence[Line]) -> None:
+        if not batch:
+            return
+        text = lines(batch, time.time())
+        with handler.lock:  # type: ignore[union-attr]
+            if isinstance(handler, ReopenableFileHandler) and handler._reopen_requested:
+                handler._reopen_locked()
+            try:
+                handler.stream.write(text)  # type: ignore[attr-defined]
+                handler.flush()
+            except Exception:  # as logging does: a note on stderr, never an exception
+                handler.handleError(logging.makeLogRecord(
+                    {"name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
+                     "msg": batch[0][0]}))
+    return write

@@ -35,19 +35,27 @@ class Results:
     def _on_results(self) -> None:
         # Every collect goes through here, the drain's last one too: a connect failure is
         # never reported as a closed connection, an accept error never dropped.
+        # The connection-end lines are written together (connlog.log_ends), those before
+        # another log line first.
         self._collects += 1
+        ends: list[tuple[Result, Conn]] = []
         for result in self.relay.collect():
             lst = self.by_tag.get(result.tag)
             if lst is None:
                 continue
             if result.reason == FAILED:
+                connlog.log_ends(ends)
+                ends.clear()
                 self._log_failed(lst, result)
             elif result.reason == ACCEPT_ERROR:
+                connlog.log_ends(ends)
+                ends.clear()
                 lst.metrics.accept_error()
                 self._warn_once("accept-fds", "cannot accept: %s; pausing accepts for 100 ms",
                                 os.strerror(result.errno))
             else:
-                self._log_result(lst, result)
+                self._log_result(lst, result, ends)
+        connlog.log_ends(ends)
         if self.retired and self._retired_timer is None:
             self._close_retired()
 
@@ -68,7 +76,7 @@ class Results:
             r.conn_id, sockets.peer_name(r.client), lst.config.remote, reason(exc),
         )
 
-    def _log_result(self, lst: Listener, r: Result) -> None:
+    def _log_result(self, lst: Listener, r: Result, ends: list[tuple[Result, Conn]]) -> None:
         conn = self.conns.pop(r.conn_id, None)
         if conn is None:
             if r.client is None:
@@ -78,7 +86,7 @@ class Results:
         lst.metrics.connection_closed(r, conn.mptcp_leg)
         if self.joinwatch is not None:
             self.joinwatch.connection_ended(r, conn.mptcp_leg)
-        connlog.log_end(r, conn)
+        ends.append((r, conn))
 
     def _close_retired(self) -> None:
         # A listener a reload removed closes once its last connection has ended; one it
