@@ -112,14 +112,17 @@ class Leg:
         self.sink.close()
 
     def send_for(self, seconds: float, then=None, after: float = 0.0) -> int:
-        """Send for `seconds`; call `then()` once `after` seconds have passed."""
+        """Send for `seconds`; call `then()` once `after` seconds have passed and the
+        client relay has published both paths."""
         sent, start = 0, time.monotonic()
         while (now := time.monotonic()) < start + seconds:
-            if then is not None and now >= start + after:
+            if (then is not None and now >= start + after
+                    and len(live_paths(self.relays[0])) == 2):
                 then()
                 then = None
             self.app.sendall(BLOCK)
             sent += len(BLOCK)
+        assert then is None, "the second path never showed"
         return sent
 
     def results(self, count: int | None = None) -> list:
@@ -149,8 +152,8 @@ class Leg:
 
 
 def live_paths(relay) -> tuple:
-    (conn,) = relay.connections()
-    return conn.paths
+    conns = relay.connections()
+    return conns[0].paths if conns else ()
 
 
 @pytest.fixture

@@ -224,7 +224,11 @@ cdef int register(WorkerState *w, Pair *p) noexcept nogil:
     # The pair is already on w.pairs; on failure it is finished (returns -1).
     cdef c.epoll_event ev
     cdef int i
-    p.last_ns = p.sampled_ns = w.now
+    p.last_ns = w.now
+    # The first periodic sample a quarter second in, not a second: the joins of a new
+    # connection are made by then, and a subflow removed before any sample listed it
+    # would show only in the connection's totals.
+    p.sampled_ns = w.now - NS + NS // 4
     for i in range(2):
         ev.events = c.EPOLLIN | c.EPOLLOUT | c.EPOLLRDHUP | c.EPOLLET
         ev.data.ptr = &p.side[i]

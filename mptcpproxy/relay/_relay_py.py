@@ -217,7 +217,8 @@ class _Worker(Pump, Accept):
         self._sync_listener(now)
 
     def _register(self, pair: _Pair, now: float) -> bool:
-        pair.last = pair.sampled = now
+        pair.last = now
+        pair.sampled = now - 0.75  # the first periodic sample 0.25 s in (see _relay.pyx)
         for i, sock in enumerate(pair.socks):
             self.pairs[sock.fileno()] = (pair, i)
         try:
