@@ -51,14 +51,17 @@ cdef struct PathRec:
 
 cdef struct PathSet:
     # The per-path state of one MPTCP pair (Relay(path_stats=True)), allocated at its first
-    # sample that lists subflows; it moves to the pair's report (Done) at the end.
+    # sample; it moves to the pair's report (Done) at the end. Only `cap` records are
+    # allocated (pathset_size), grown up to MAX_PATHS as subflows come: most connections
+    # never have more than two.
     int n  # records in use
-    PathRec rec[MAX_PATHS]
+    int cap  # records allocated
     PathRec other  # id 0: bytes the samples could not give to one subflow
     uint64_t mptcp_sent  # the connection's mptcpi_bytes_* at the last sample
     uint64_t mptcp_received
     uint64_t mptcp_retrans
     uint64_t mptcp_acked
+    PathRec rec[MAX_PATHS]  # last: only rec[0:cap] is allocated
 
 
 cdef struct AddrStat:

@@ -71,22 +71,43 @@ cdef inline void observe_rtt(AddrStat *a, uint32_t rtt_us) noexcept nogil:
     a.rtt_sum_us += rtt_us
 
 
-cdef int path_slot(PathSet *ps, c.mptcp_subflow_info *sf) noexcept nogil:
-    # The record of subflow sf.id: found, new, or taking the place of a closed one (whose
-    # counts go to `other`); -1 when all MAX_PATHS are open subflows.
-    cdef int j
+cdef inline size_t pathset_size(int cap) noexcept nogil:
+    return sizeof(PathSet) - (MAX_PATHS - cap) * sizeof(PathRec)
+
+
+cdef PathSet *new_pathset(int cap) noexcept nogil:
+    cdef PathSet *ps = <PathSet *>calloc(1, pathset_size(cap))
+    if ps != NULL:
+        ps.cap = cap
+    return ps
+
+
+cdef int path_slot(PathSet **pps, c.mptcp_subflow_info *sf) noexcept nogil:
+    # The record of subflow sf.id: found, new (the set grown if need be: *pps may move), or
+    # taking the place of a closed one (whose counts go to `other`); -1 when all
+    # MAX_PATHS are open subflows (or no memory to grow).
+    cdef int j, cap
     cdef PathRec *r
+    cdef PathSet *ps = pps[0]
     for j in range(ps.n):
         if ps.rec[j].id == sf.id:
             return j
-    if ps.n < MAX_PATHS:
+    if ps.n == ps.cap and ps.cap < MAX_PATHS:
+        cap = ps.cap * 2 if ps.cap * 2 < MAX_PATHS else MAX_PATHS
+        ps = <PathSet *>realloc(ps, pathset_size(cap))
+        if ps != NULL:
+            ps.cap = cap
+            pps[0] = ps
+        else:
+            ps = pps[0]
+    if ps.n < ps.cap:
         j = ps.n
         ps.n += 1
     else:
         j = 0
-        while j < MAX_PATHS and not ps.rec[j].closed:
+        while j < ps.n and not ps.rec[j].closed:
             j += 1
-        if j == MAX_PATHS:
+        if j == ps.n:
             return -1
         ps.other.sent += ps.rec[j].sent
         ps.other.received += ps.rec[j].received
@@ -100,10 +121,12 @@ cdef int path_slot(PathSet *ps, c.mptcp_subflow_info *sf) noexcept nogil:
     return j
 
 
-cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
+cdef void update_paths(WorkerState *w, PathSet **pps, c.mptcp_info *info,
                        c.mptcp_subflow_info *sfi, c.tcp_info_paths *tcpi,
                        uint32_t n) noexcept nogil:
-    # Fold one sample into the pair's records and the worker's per-address counters.
+    # Fold one sample into the pair's records (*pps may move as it grows) and the
+    # worker's per-address counters.
+    cdef PathSet *ps
     cdef int seen[MAX_PATHS]
     cdef int j, vanished = 0, gone = -1, untracked = 0
     cdef uint32_t i
@@ -115,11 +138,11 @@ cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
     for i in range(n):
         if sfi[i].id == 0:
             continue  # after a reset: one empty entry, the subflows are gone
-        j = path_slot(ps, &sfi[i])
+        j = path_slot(pps, &sfi[i])
         if j < 0:
             untracked = 1
             continue
-        r = &ps.rec[j]
+        r = &pps[0].rec[j]
         seen[j] = 1
         ds = grown(tcpi[i].tcpi_bytes_sent, r.sent)
         dr = grown(tcpi[i].tcpi_bytes_received, r.received)
@@ -139,6 +162,7 @@ cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
         a.retrans += dx
         if tcpi[i].tcpi_state == 1 and r.rtt_us > 0:  # ESTABLISHED: a current RTT
             observe_rtt(a, r.rtt_us)
+    ps = pps[0]
     for j in range(ps.n):
         if not seen[j] and not ps.rec[j].closed:
             ps.rec[j].closed = 1
@@ -195,10 +219,10 @@ cdef int sample_paths(WorkerState *w, Pair *p, int fd) noexcept nogil:
                                               tcpi[i].tcpi_bytes_received):
             count += 1
     if p.ps == NULL:
-        p.ps = <PathSet *>calloc(1, sizeof(PathSet))
+        p.ps = new_pathset(2)
         if p.ps == NULL:
             return count  # out of memory: this pair goes without paths
-    update_paths(w, p.ps, &mfi.info, sfi, tcpi, n)
+    update_paths(w, &p.ps, &mfi.info, sfi, tcpi, n)
     return count
 
 
@@ -326,7 +350,7 @@ def _fold_samples(list samples):
     pair's paths as the engine does. Returns ([established subflows per sample], paths,
     (mptcp bytes sent, received, retrans), path_totals-like dict, reinjected bytes)."""
     cdef WorkerState *w = <WorkerState *>calloc(1, sizeof(WorkerState))
-    cdef PathSet *ps = <PathSet *>calloc(1, sizeof(PathSet))
+    cdef PathSet *ps = new_pathset(1)  # grown as the engine grows it
     cdef c.mptcp_full_info mfi
     cdef c.tcp_info_paths tcpi[c.MAX_SUBFLOWS]
     cdef c.mptcp_subflow_info sfi[c.MAX_SUBFLOWS]
@@ -354,7 +378,7 @@ def _fold_samples(list samples):
                         tcpi[i].tcpi_bytes_received):
                     count += 1
             counts.append(count)
-            update_paths(w, ps, &mfi.info, sfi, tcpi, n)
+            update_paths(w, &ps, &mfi.info, sfi, tcpi, n)
         totals = {}
         for i in range(<uint32_t>w.naddrs):
             key = py_addr(&w.addrs[i].local)
