@@ -3,7 +3,8 @@
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.string cimport memcmp, memcpy, memset, strlen
 
 from mptcpproxy.relay cimport _sys as c
 

@@ -115,6 +115,12 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t ntohs(uint16_t n)
 
 
+cdef extern from "<arpa/inet.h>" nogil:
+    enum:
+        INET6_ADDRSTRLEN
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
