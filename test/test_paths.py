@@ -214,9 +214,12 @@ def test_a_path_taken_down_shows_its_frozen_count_and_the_resent_bytes(
     down = by_local(client.paths)[l2.ip_a]
     # still listed while the connection lived (not removed), its count frozen since
     assert not frozen.closed and down.bytes_acked == frozen.bytes_acked > 0
-    # what it had sent unacknowledged, MPTCP sent again on the first path
-    assert down.bytes_sent > down.bytes_acked and client.mptcp_bytes_retrans > 0
-    assert by_local(client.paths)[l1.ip_a].bytes_acked > down.bytes_acked
+    # what it had sent and never got acknowledged, MPTCP sent again on the first path:
+    # everything arrived, and the two paths' acknowledged bytes cover all of it (the
+    # resend is not always in mptcpi_bytes_retrans on 6.18: it may be 0)
+    assert down.bytes_sent > down.bytes_acked
+    up = by_local(client.paths)[l1.ip_a]
+    assert up.bytes_acked + down.bytes_acked >= sent and up.bytes_acked > down.bytes_acked
 
 
 def test_an_endpoint_removed_mid_transfer_ends_with_exact_totals(
