@@ -306,8 +306,12 @@ cdef void publish(WorkerState *w) noexcept nogil:
     c.pthread_mutex_lock(&w.pub_lock)
     tmp = w.pub
     w.pub = w.pub_back
-    w.pub_back = tmp
     c.pthread_mutex_unlock(&w.pub_lock)
+    # The previous snapshot is freed, not kept for the next one: one snapshot's memory
+    # (about 120 bytes per open pair) instead of two; the next publish() grows it again.
+    free(tmp.conns)
+    free(tmp.paths)
+    memset(&w.pub_back, 0, sizeof(PubBuf))
     w.next_pub = w.now + PUBLISH_NS
 
 
