@@ -9,7 +9,7 @@ import socket
 from collections.abc import Sequence
 
 from mptcpproxy import logsetup, sockets
-from mptcpproxy.relay._results import Result
+from mptcpproxy.relay._results import PathStat, Result
 
 log = logging.getLogger("mptcpproxy")
 
@@ -34,6 +34,30 @@ def reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
+
+
+def _host(addr: tuple) -> str:
+    return f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+
+
+def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:
+    """(path, percent) per subflow: the share of the bytes the proxy sent on the MPTCP leg
+    (acknowledged by the peer: bytes its own qdisc dropped and sent again count once), or
+    of those it received when it sent none. The id-0 entry is "closed subflows"."""
+    sent = sum(p.bytes_sent for p in paths)
+    amounts = [(p.bytes_acked or p.bytes_sent) if sent else p.bytes_received for p in paths]
+    total = sum(amounts) or 1
+    return [(f"{_host(p.local)}>{_host(p.remote)}" if p.id else "closed subflows",
+             round(100 * n / total)) for p, n in zip(paths, amounts, strict=True)]
+
+
+def path_fields(p: PathStat) -> dict:
+    """One path as the JSON log and /connections give it."""
+    return {"id": p.id, "local": sockets.peer_name(p.local) if p.id else None,
+            "remote": sockets.peer_name(p.remote) if p.id else None,
+            "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
+            "bytes_retrans": p.bytes_retrans, "bytes_acked": p.bytes_acked,
+            "rtt_us": p.rtt_us, "closed": p.closed}
 
 
 def log_end(r: Result, conn: Conn) -> None:
@@ -65,6 +89,8 @@ def end_line(r: Result, conn: Conn) -> tuple[str, dict]:
         mptcp = "mptcp=off"
     elif r.is_mptcp:
         mptcp = f"mptcp=yes subflows={r.subflows}"
+        if r.paths:
+            mptcp += " paths=" + ",".join(f"{p} {n}%" for p, n in path_shares(r.paths))
     else:
         mptcp = "mptcp=no (fell back to TCP)"
     client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
@@ -76,4 +102,8 @@ def end_line(r: Result, conn: Conn) -> tuple[str, dict]:
                  "upstream": upstream, "reason": r.reason, "errno": r.errno,
                  "bytes_client_to_upstream": r.bytes_ab,
                  "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
-                 "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows}
+                 "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows,
+                 "paths": [path_fields(p) for p in r.paths],
+                 "mptcp_bytes_sent": r.mptcp_bytes_sent,
+                 "mptcp_bytes_received": r.mptcp_bytes_received,
+                 "mptcp_bytes_retrans": r.mptcp_bytes_retrans}

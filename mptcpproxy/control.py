@@ -58,6 +58,7 @@ class Proxy(Results):
             active=self._active_by_listener,
             worker_stats=lambda: self.relay.stats() if self.relay else [],
             relay_accepted=self._accepted_by_listener,
+            path_totals=lambda: self.relay.path_totals() if self.relay else ({}, 0),
         )
         self.metrics_server: asyncio.AbstractServer | None = None
 
@@ -164,7 +165,7 @@ class Proxy(Results):
         cfg = self.config
         try:
             return Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
-                         cfg.busy_poll)
+                         cfg.busy_poll, cfg.path_stats)
         except (MemoryError, OSError, RuntimeError) as exc:  # RuntimeError: no new thread
             why = "out of memory" if isinstance(exc, MemoryError) else reason(exc)
             raise StartupError(
