@@ -1,0 +1,237 @@
+"""The live view without namespaces: the `/connections` document (live.py) built from a fake
+relay's ConnStats, served over HTTP with the status page at `/`; `mptcp-proxy --connections`
+printing it; hostile values kept as text in the table and in a real browser's DOM."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import browser
+import pytest
+from test_metrics import uvloop_primed  # noqa: F401  (a module fixture)
+from test_metrics_http import fetch, in_thread, with_server
+
+from mptcpproxy import live, statuspage
+from mptcpproxy.config import HostPort
+from mptcpproxy.connlog import Conn
+from mptcpproxy.connview import table
+from mptcpproxy.metrics import Metrics
+
+try:
+    from mptcpproxy.relay._results import ConnStat, PathStat
+except ImportError:  # TEMPORARY until branch paths is merged: iface13.md's types
+    from typing import NamedTuple
+
+    class PathStat(NamedTuple):
+        id: int
+        local: tuple
+        remote: tuple
+        bytes_sent: int
+        bytes_received: int
+        bytes_retrans: int
+        rtt_us: int
+        closed: bool
+
+    class ConnStat(NamedTuple):
+        conn_id: int
+        tag: int
+        client: tuple | None
+        upstream: tuple | None
+        age: float
+        bytes_ab: int
+        bytes_ba: int
+        is_mptcp: bool
+        subflows: int
+        paths: tuple
+        mptcp_bytes_sent: int
+        mptcp_bytes_received: int
+        mptcp_bytes_retrans: int
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 30
+HOSTILE = '<img src=x onerror="document.title=\'owned\'">'
+
+
+def path(ident: int, local: str, remote: str, sent: int, received: int = 0,
+         retrans: int = 0, rtt_us: int = 20000, closed: bool = False) -> PathStat:
+    return PathStat(ident, (local, 40000 + ident), (remote, 4444), sent, received, retrans,
+                    rtt_us, closed)
+
+
+def stat(conn_id: int, paths: tuple = (), tag: int = 0, client: tuple | None = None,
+         upstream: tuple | None = ("10.0.1.2", 4444), is_mptcp: bool = True,
+         bytes_ab: int = 0, bytes_ba: int = 0, age: float = 1.5) -> ConnStat:
+    sent = sum(p.bytes_sent for p in paths)
+    return ConnStat(conn_id, tag, client, upstream, age, bytes_ab, bytes_ba, is_mptcp,
+                    sum(not p.closed for p in paths), paths, sent,
+                    sum(p.bytes_received for p in paths), sum(p.bytes_retrans for p in paths))
+
+
+TWO_PATHS = (path(1, "10.0.1.1", "10.0.1.2", 600_000, 1000, 3000),
+             path(2, "10.0.2.1", "10.0.2.2", 400_000, 500, 0, closed=True))
+
+
+def fake_proxy(stats: list, conns: dict | None = None, connecting: tuple = ()) -> object:
+    """What live.document reads of a control.Proxy."""
+    lst = SimpleNamespace(title="5555", connecting=list(connecting),
+                          config=SimpleNamespace(disable_mptcp=False))
+    relay = SimpleNamespace(connections=lambda: stats)
+    return SimpleNamespace(relay=relay, by_tag={0: lst}, conns=conns or {},
+                           all_listeners=[lst])
+
+
+def test_document_lists_the_pairs_with_their_paths_and_the_local_totals() -> None:
+    origin = SimpleNamespace(client=("192.0.2.7", 999), via=("127.0.0.1", 5000))
+    attempt = SimpleNamespace(conn_id=9, origin=origin, addr=("127.0.0.1", 5000),
+                              target=HostPort("example.net", 80))
+    doc = live.document(fake_proxy(
+        [stat(3, TWO_PATHS, bytes_ab=1_000_000, bytes_ba=1500),
+         stat(2, (), client=("::ffff:127.0.0.1", 6000), is_mptcp=False)],
+        conns={3: Conn(("127.0.0.1", 5001), ("10.0.1.2", 4444), True)},
+        connecting=(attempt,)))
+    json.dumps(doc)  # what /connections sends
+    c2, c3, c9 = doc["connections"]
+    assert (c2["id"], c2["client"], c2["mptcp"], c2["paths"]) == (2, "127.0.0.1:6000", False,
+                                                                   [])
+    assert c3["client"] == "127.0.0.1:5001" and c3["upstream"] == "10.0.1.2:4444"
+    assert (c3["listener"], c3["state"], c3["mptcp"], c3["subflows"]) == (
+        "5555", "relaying", True, 1)
+    assert (c3["bytes_client_to_upstream"], c3["bytes_upstream_to_client"]) == (1_000_000, 1500)
+    assert c3["paths"] == [
+        {"id": 1, "local": "10.0.1.1:40001", "remote": "10.0.1.2:4444", "bytes_sent": 600_000,
+         "bytes_received": 1000, "bytes_retrans": 3000, "rtt_us": 20000, "closed": False,
+         "share": 60.0},
+        {"id": 2, "local": "10.0.2.1:40002", "remote": "10.0.2.2:4444", "bytes_sent": 400_000,
+         "bytes_received": 500, "bytes_retrans": 0, "rtt_us": 20000, "closed": True,
+         "share": 40.0}]
+    assert c3["mptcp_bytes_sent"] == 1_000_000
+    assert c9 == {**c9, "state": "connecting", "client": "192.0.2.7:999",
+                  "via": "127.0.0.1:5000", "upstream": "example.net:80", "age_s": None}
+    assert doc["locals"] == [
+        {"address": "10.0.1.1", "paths": 1, "bytes_sent": 600_000, "bytes_received": 1000,
+         "bytes_retrans": 3000},
+        {"address": "10.0.2.1", "paths": 1, "bytes_sent": 400_000, "bytes_received": 500,
+         "bytes_retrans": 0}]
+
+
+def test_shares_follow_the_received_bytes_when_none_were_sent() -> None:
+    paths = (path(1, "10.0.1.1", "10.0.1.2", 0, 300), path(2, "10.0.2.1", "10.0.2.2", 0, 100))
+    assert live.shares(paths) == [75.0, 25.0]
+    assert live.shares((path(1, "10.0.1.1", "10.0.1.2", 0),)) == [0.0]
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_connections_json_and_the_page_are_served(loop_name: str) -> None:
+    doc = live.document(fake_proxy([stat(3, TWO_PATHS)]))
+
+    async def body(port: int) -> object:
+        return [await in_thread(fetch, port, p) for p in ("/connections", "/", "/nothing")]
+
+    (js, jh, jb), (ps, ph, pb), (ns, _, nb) = with_server(
+        loop_name, Metrics(), body, connections=lambda: doc)
+    assert (js, jh["Content-Type"], jh["Cache-Control"]) == (200, "application/json",
+                                                             "no-store")
+    assert json.loads(jb) == doc
+    assert (ps, ph["Content-Type"], pb) == (200, "text/html; charset=utf-8", statuspage.PAGE)
+    assert "script-src 'sha256-" in ph["Content-Security-Policy"]
+    # self-contained: nothing loaded from anywhere but the page and /connections
+    assert b"http" not in pb and b"src=" not in pb and b"<link" not in pb
+    assert ns == 404 and b"/connections" in nb
+
+
+def test_table_shows_each_connection_its_paths_and_the_locals() -> None:
+    doc = live.document(fake_proxy([stat(3, TWO_PATHS, bytes_ab=1_000_000, bytes_ba=1500,
+                                         client=("127.0.0.1", 5001))]))
+    lines = table(doc).splitlines()
+    assert lines[0].split() == ["Conn", "Listener", "State", "Age", "Client", "Upstream",
+                                "Client>Up", "Up>Client", "MPTCP"]
+    assert lines[1].split() == ["3", "5555", "relaying", "1.5s", "127.0.0.1:5001",
+                                "10.0.1.2:4444", "1.0", "MB", "1.5", "kB", "yes,", "1",
+                                "subflow"]
+    assert lines[2].split() == ["10.0.1.1:40001", ">", "10.0.1.2:4444", "60.0%", "sent",
+                                "600.0", "kB", "received", "1.0", "kB", "retrans", "3.0", "kB",
+                                "rtt", "20.0ms"]
+    assert lines[3].split()[:4] == ["10.0.2.1:40002", ">", "10.0.2.2:4444", "40.0%"]
+    assert lines[3].split()[-1] == "closed"
+    assert lines[5].split() == ["Local", "address", "Paths", "Sent", "Received",
+                                "Retransmitted"]
+    assert lines[6].split() == ["10.0.1.1", "1", "600.0", "kB", "1.0", "kB", "3.0", "kB"]
+    assert table({"connections": [], "locals": []}) == "no open connections\n"
+
+
+def test_table_escapes_control_characters() -> None:
+    doc = {"connections": [{"id": 1, "listener": "web\x1b[2J", "state": "relaying",
+                            "client": "a\nb", "paths": []}]}
+    text = table(doc)
+    assert "\x1b" not in text and "web\\x1b[2J" in text and "a\\nb" in text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "mptcpproxy", *args], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=env, stdin=subprocess.DEVNULL)
+
+
+def test_connections_option_prints_the_table_and_the_json() -> None:
+    doc = live.document(fake_proxy([stat(3, TWO_PATHS, client=("127.0.0.1", 5001))]))
+
+    async def body(port: int) -> object:
+        return [await in_thread(_cli, "--connections", f"127.0.0.1:{port}", *extra)
+                for extra in ((), ("--json",))]
+
+    shown, raw = with_server("uvloop", Metrics(), body, connections=lambda: doc)
+    assert shown.returncode == 0 and shown.stderr == ""
+    assert shown.stdout == table(doc)
+    assert raw.returncode == 0 and json.loads(raw.stdout) == doc
+
+
+def test_connections_option_when_nothing_answers() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        port = s.getsockname()[1]
+        proc = _cli("--connections", f"127.0.0.1:{port}")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"mptcp-proxy: error: cannot read http://127.0.0.1:{port}/"
+                           f"connections: connection refused (is an mptcp-proxy running with "
+                           f"--metrics 127.0.0.1:{port}?)\n")
+
+
+def test_connections_option_on_a_server_without_the_view() -> None:
+    async def body(port: int) -> object:
+        return await in_thread(_cli, "--connections", f"127.0.0.1:{port}")
+
+    proc = with_server("asyncio", Metrics(), body)  # a metrics server without the live view
+    assert proc.returncode == 1
+    assert "answered 404" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_json_alone_is_a_usage_error() -> None:
+    proc = _cli("--json")
+    assert proc.returncode == 2
+    assert "--json only applies to --connections" in proc.stderr
+
+
+def test_the_page_keeps_hostile_values_as_text_in_a_real_browser() -> None:
+    browser.chromium()
+    hostile = stat(3, (path(1, HOSTILE, "10.0.1.2", 100),), client=(HOSTILE, 1),
+                   upstream=("</script><b>x</b>", 2))
+    doc = live.document(fake_proxy([hostile]))
+    doc["connections"][0]["listener"] = "<i>web</i>"
+
+    async def body(port: int) -> object:
+        return await in_thread(browser.dump_dom, f"http://127.0.0.1:{port}/")
+
+    dom = browser.parse(with_server("uvloop", Metrics(), body, connections=lambda: doc))
+    (conn,) = dom.find_all("div", "conn")
+    text = conn.text
+    assert f"client {HOSTILE}:1" in text and "</script><b>x</b>:2" in text
+    assert "listener <i>web</i>" in text
+    assert HOSTILE in dom.by_id("locals").text
+    assert not dom.find_all("img") and not dom.find_all("b") and not dom.find_all("i")
+    assert dom.find_all("title")[0].text == "mptcp-proxy: live connections"
