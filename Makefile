@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SERVICE_PACKAGES := haproxy nginx
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
-	gcc libc6-dev python3-dev python3-venv $(SERVICE_PACKAGES)
+	gcc libc6-dev python3-dev python3-venv chromium $(SERVICE_PACKAGES)
 BENCH_APT_PACKAGES := haproxy socat mptcpd
 # the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak

@@ -55,8 +55,12 @@ examples:
   mptcp-proxy -m client -p 5555 -t tproxy --setup-firewall --intercept 80,443
       on a gateway: intercept the LAN's TCP connections to ports 80 and 443 and carry
       each one over MPTCP to its original destination (see docs/transparent.md)
+  mptcp-proxy --connections 127.0.0.1:9541
+      the open connections of the proxy running with --metrics 127.0.0.1:9541, and the
+      share of each path (MPTCP subflow); the same as a page at http://127.0.0.1:9541/
 
-exit codes: 0 clean stop (SIGINT/SIGTERM), 1 start-up failure, 2 usage error.
+exit codes: 0 clean stop (SIGINT/SIGTERM), 1 start-up failure (--connections: no
+answer), 2 usage error.
 """
 
 
@@ -251,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics", type=_typed(parse_hostport), metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541); "
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541), "
+             "the open connections at /connections and a status page showing them at /; "
              "no authentication: bind it to a loopback or management address",
     )
     parser.add_argument(
