@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
              f"flows (0-{MAX_BUSY_POLL_USEC}; default: 0, off; 50 is a good start)",
     )
     parser.add_argument(
+        "--path-stats", action=argparse.BooleanOptionalAction, default=True,
+        help="sample the subflows of each MPTCP connection once a second and at its end: "
+             "which paths carried the bytes, in the connection-end line, /connections and "
+             "the path metrics; --no-path-stats samples only the subflow count "
+             "(default: on)",
+    )
+    parser.add_argument(
         "--max-connections", type=_connections, default=0, metavar="N",
         help=f"above N open connections, new ones are closed at once (1-{MAX_CONNECTIONS}; "
              "default: no limit)",
@@ -324,6 +331,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         buffer_size=args.buffer_size * 1024,
         splice=args.splice,
         busy_poll=args.busy_poll / 1e6,
+        path_stats=args.path_stats,
         transparent=args.transparent,
         mark=args.mark,
         setup_firewall=args.setup_firewall,

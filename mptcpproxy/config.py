@@ -138,6 +138,7 @@ class Config:
     buffer_size: int = 512 * 1024  # bytes a relay read takes, and the most kept per direction
     splice: bool = False  # bulk transfers go through a pipe with splice()
     busy_poll: float = 0.0  # seconds a relay thread polls on after an event; 0: sleeps at once
+    path_stats: bool = True  # sample each MPTCP connection's subflows (paths, path metrics)
     backlog: int = 4096
     # transparent mode (docs/transparent.md)
     transparent: str | None = None  # None, "redirect" or "tproxy"

@@ -32,8 +32,8 @@ except ImportError:  # Python 3.10
 
 # Settings of the whole process: one relay, one metrics server, one log.
 GLOBAL_KEYS = frozenset({
-    "workers", "buffer_size", "busy_poll", "drain_timeout", "stop_grace", "metrics", "log_file",
-    "log_format", "verbose", "quiet",
+    "workers", "buffer_size", "busy_poll", "path_stats", "drain_timeout", "stop_grace",
+    "metrics", "log_file", "log_format", "verbose", "quiet",
 })
 # Options that are commands or belong to the command line alone.
 NOT_IN_FILE = frozenset({

@@ -165,7 +165,7 @@ class Proxy(Results):
         cfg = self.config
         try:
             return Relay(cfg.worker_count, cfg.buffer_size, cfg.idle_timeout, cfg.splice,
-                         cfg.busy_poll)
+                         cfg.busy_poll, cfg.path_stats)
         except (MemoryError, OSError, RuntimeError) as exc:  # RuntimeError: no new thread
             why = "out of memory" if isinstance(exc, MemoryError) else reason(exc)
             raise StartupError(

@@ -6,7 +6,7 @@ connections are never touched. A listener whose socket must change (mode, addres
 transparent mode) is replaced: the new socket opens beside the old one (SO_REUSEPORT) and
 the old one drains. A file that fails to load, or a listener that cannot start, is logged
 and the running configuration stays as it was. Process-wide settings that only a restart
-can change (workers, buffer_size, busy_poll, metrics) are reported, not applied.
+can change (workers, buffer_size, busy_poll, path_stats, metrics) are reported, not applied.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mptcpproxy.listener import Listener, ListenerError
 
 log = logging.getLogger("mptcpproxy")
 
-RESTART_ONLY = ("workers", "buffer_size", "busy_poll", "metrics")
+RESTART_ONLY = ("workers", "buffer_size", "busy_poll", "path_stats", "metrics")
 
 
 async def reload(proxy) -> bool:

@@ -23,6 +23,68 @@ cdef enum:
     SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
     MAX_LISTENERS = 128  # listening sockets a relay serves at once (Relay.listen)
     MAX_TAGS = 1024  # listener tags (the control plane's listener index): 0 .. MAX_TAGS-1
+    MAX_PATHS = 8  # subflows kept per connection (_results.MAX_PATHS)
+    MAX_ADDRS = 64  # local addresses a worker counts path bytes for; past that: "other"
+    RTT_BOUNDS = 12  # buckets of the path RTT histogram (rtt_bounds_us in _relay_paths.pxi)
+    PUBLISH_NS = 1000000000  # a worker publishes its open pairs (connections()) this often
+
+
+cdef struct Addr:
+    # An IP address with a port, as the engine keeps them (family 0: none).
+    uint8_t family  # AF_INET or AF_INET6
+    uint16_t port
+    uint8_t addr[16]
+
+
+cdef struct PathRec:
+    # One subflow as last sampled (id 0: the "closed subflows" entry, no addresses).
+    uint32_t id
+    int closed
+    Addr local
+    Addr remote
+    uint64_t sent
+    uint64_t received
+    uint64_t retrans
+    uint32_t rtt_us
+
+
+cdef struct PathSet:
+    # The per-path state of one MPTCP pair (Relay(path_stats=True)), allocated at its first
+    # sample that lists subflows; it moves to the pair's report (Done) at the end.
+    int n  # records in use
+    PathRec rec[MAX_PATHS]
+    PathRec other  # id 0: bytes the samples could not give to one subflow
+    uint64_t mptcp_sent  # the connection's mptcpi_bytes_* at the last sample
+    uint64_t mptcp_received
+    uint64_t mptcp_retrans
+
+
+cdef struct AddrStat:
+    # Path bytes counted per local address by one worker, since start (for the metrics).
+    Addr local  # port 0; family 0: "other" (past MAX_ADDRS)
+    uint64_t sent
+    uint64_t received
+    uint64_t retrans
+    uint64_t rtt_count[RTT_BOUNDS + 1]
+    uint64_t rtt_sum_us
+
+
+cdef struct ConnPub:
+    # One open pair as its worker last published it (Relay.connections()).
+    uint64_t conn_id
+    uint32_t tag
+    int64_t start_ns
+    uint64_t bytes_ab
+    uint64_t bytes_ba
+    int is_mptcp
+    int subflows
+    Addr client
+    Addr upstream
+    int npaths  # its paths: pub_paths[first_path : first_path + npaths]
+    int first_path
+    uint64_t mptcp_sent
+    uint64_t mptcp_received
+    uint64_t mptcp_retrans
 
 
 cdef struct ListenCfg:
@@ -62,6 +124,15 @@ cdef struct Half:
     size_t inpipe  # bytes in the pipe, not yet sent on
 
 
+cdef struct PubBuf:
+    ConnPub *conns
+    int nconns
+    int conns_cap
+    PathRec *paths
+    int npaths
+    int paths_cap
+
+
 cdef struct Pair:
     Side side[2]
     Half half[2]
@@ -85,6 +156,9 @@ cdef struct Pair:
     int client_family  # set for pairs the worker accepted itself
     uint16_t client_port
     uint8_t client_addr[16]
+    Addr peer_a  # where side 0 is connected, for a pair given to Relay.add (connections())
+    Addr upstream  # where side 1 is connected (connections())
+    PathSet *ps  # path_stats, MPTCP: the last sample per subflow (NULL until one)
     Pair *prev
     Pair *next  # the worker's list of open pairs, or the incoming / graveyard chain
     Pair *ready_next
@@ -103,6 +177,7 @@ cdef struct Done:
     int client_family
     uint16_t client_port
     uint8_t client_addr[16]
+    PathSet *ps  # the pair's paths, freed by whoever takes the report (NULL: none)
 
 
 cdef struct Listener:
@@ -162,3 +237,15 @@ cdef struct WorkerState:
     uint64_t accept_errors
     int64_t *open_by_tag  # pairs open per listener tag (MAX_TAGS entries), atomic
     int64_t *accepted_by_tag  # clients this worker accepted per listener tag, atomic
+    # Per-path accounting (Relay(path_stats=True)). The worker builds a snapshot of its
+    # open pairs in `pub_back` every PUBLISH_NS (and once when its last pair ended), then
+    # swaps it with `pub` under pub_lock; connections() copies `pub` under pub_lock. The
+    # per-address counters are updated and read under pub_lock too.
+    int path_stats
+    c.pthread_mutex_t pub_lock
+    PubBuf pub
+    PubBuf pub_back
+    int64_t next_pub
+    AddrStat addrs[MAX_ADDRS + 1]  # the last one: "other"
+    int naddrs
+    uint64_t reinjected  # mptcpi_bytes_retrans increments, all pairs

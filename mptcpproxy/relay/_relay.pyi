@@ -4,17 +4,18 @@
 (pure Python) implement this same API; `mptcpproxy.relay` picks one.
 """
 
-from mptcpproxy.relay._results import Result, WorkerStats
+from mptcpproxy.relay._results import ConnStat, Result, WorkerStats
 
 class Relay:
     def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
-                 splice: bool = False, busy_poll: float = 0.0) -> None:
+                 splice: bool = False, busy_poll: float = 0.0, path_stats: bool = True) -> None:
         """Start `workers` threads. `idle_timeout` > 0 closes pairs idle that long, and
         `splice` makes halves that move bulk splice; both are defaults for pairs and
         listeners that name none. `busy_poll` > 0: a worker polls without sleeping for
         that many seconds after each event (lower latency, a busy CPU while traffic flows).
         A direction splices once a read brings 64 KiB or more, until a turn moves less
-        (bulk never copied to user space)."""
+        (bulk never copied to user space). `path_stats` (Linux 6.5+): sample every subflow
+        of MPTCP pairs (Result.paths, ConnStat.paths, path_totals()); off, only the count."""
     @property
     def notify_fd(self) -> int:
         """Readable when finished pairs wait in collect(); never read it yourself."""
@@ -57,6 +58,13 @@ class Relay:
         """Results of the pairs finished since the last call (also drains notify_fd)."""
     def stats(self) -> list[WorkerStats]:
         """One entry per worker."""
+    def connections(self) -> list[ConnStat]:
+        """The open pairs as the workers last published them (every second, and once a
+        worker's last pair ended): cheap, never waits for a busy pair; ages are current."""
+    def path_totals(self) -> tuple[dict[str | None, list], int]:
+        """Path bytes since start per local address (None: past the 64 a worker counts):
+        [sent, received, retransmitted, RTT counts per bucket (13: _relay_py_paths.
+        RTT_BOUNDS_US and above), RTT sum in seconds]; and the MPTCP reinjected bytes."""
     def close(self) -> None:
         """Abort every open pair (reason ABORTED; a pair still connecting: FAILED with
         ECANCELED), let go of every listener, stop the workers. Results stay for collect()."""

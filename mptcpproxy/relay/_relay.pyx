@@ -2,8 +2,8 @@
 # the whole loop inside `with nogil`. See docs/design.md "The relay, precisely".
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
 
 from mptcpproxy.relay cimport _sys as c
 
@@ -14,7 +14,14 @@ import stat
 import struct
 import threading
 
-from mptcpproxy.relay._results import MAX_SECONDS, REASONS, Result, WorkerStats
+from mptcpproxy.relay._results import (
+    MAX_SECONDS,
+    REASONS,
+    ConnStat,
+    PathStat,
+    Result,
+    WorkerStats,
+)
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -64,7 +71,7 @@ cdef int established_subflows(int fd) noexcept nogil:
     return count
 
 
-cdef void sample_mptcp(Pair *p) noexcept nogil:
+cdef void sample_mptcp(WorkerState *w, Pair *p) noexcept nogil:
     # TCP_IS_MPTCP: 1 while the connection really runs MPTCP, 0 after a fallback to TCP.
     cdef int val = 0, n
     cdef c.socklen_t vlen = sizeof(val)
@@ -76,7 +83,7 @@ cdef void sample_mptcp(Pair *p) noexcept nogil:
     if c.getsockopt(fd, c.IPPROTO_TCP, c.TCP_IS_MPTCP, &val, &vlen) != 0 or val == 0:
         return
     p.is_mptcp = 1
-    n = established_subflows(fd)
+    n = sample_paths(w, p, fd) if w.path_stats else established_subflows(fd)
     if n < 0 and c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_INFO, &info, &ilen) == 0 and ilen >= 1:
         n = info.mptcpi_subflows + 1  # an older kernel: joins under way are counted too
     if n > p.subflows:
@@ -108,7 +115,8 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
         p.is_mptcp = 0
         p.subflows = 0
     else:
-        sample_mptcp(p)
+        sample_mptcp(w, p)  # the last sample, before close()
+        paths_closed(p.ps)
     if (reason == R_RESET or reason == R_ERROR or reason == R_ABORTED
             or (reason == R_TIMEOUT and holds_bytes(p))):
         # Pass an abortive close on as an abortive close: the peers learn the stream is cut
@@ -140,6 +148,8 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     c.__atomic_store_n(&w.finished, w.finished + 1, c.__ATOMIC_RELEASE)
     d = put_done(w, reason, err)
     if d == NULL:
+        free(p.ps)
+        p.ps = NULL
         count_open(w, p.tag, -1)
         return  # the pair is closed; only its report is lost under memory exhaustion
     d.conn_id = p.conn_id
@@ -152,6 +162,8 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
     d.client_family = p.client_family
     d.client_port = p.client_port
     memcpy(d.client_addr, p.client_addr, 16)
+    d.ps = p.ps  # the report owns it now
+    p.ps = NULL
     c.pthread_mutex_unlock(&w.out_lock)
     # After its report is in the outbox: once open_pairs(tag) reads 0, the next collect()
     # has every Result of that tag (the control plane forgets a retired listener then).
@@ -202,7 +214,7 @@ cdef void take_incoming(WorkerState *w) noexcept nogil:
             w.pairs.prev = p
         w.pairs = p
         if register(w, p) == 0:
-            sample_mptcp(p)
+            sample_mptcp(w, p)
         p = nxt
     sync_listener(w)
 
@@ -252,7 +264,7 @@ cdef void scan(WorkerState *w) noexcept nogil:
         elif p.idle_ns > 0 and w.now - p.last_ns >= p.idle_ns:
             finish(w, p, R_TIMEOUT, 0)
         elif p.mptcp_side >= 0 and p.last_ns > p.sampled_ns and w.now - p.sampled_ns >= NS:
-            sample_mptcp(p)
+            sample_mptcp(w, p)
             p.sampled_ns = w.now
         p = nxt
     w.next_scan = w.now + NS // 4
@@ -358,6 +370,8 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             if w.pairs != NULL:
                 scan(w)
             sync_listener(w)
+        if w.now >= w.next_pub or (w.pairs == NULL and w.pub.nconns > 0):
+            publish(w)  # for connections(): every second, and once the last pair ended
         if w.graveyard != NULL and w.ready != NULL:
             prune_ready(w)
         while w.graveyard != NULL:
@@ -378,8 +392,9 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
             c.write(w.notifyfd, &one, sizeof(one))
 
 
-# The byte pump (recv/send, or splice through a pipe), accept + connect in the worker,
-# and the Python-facing classes.
+# Per-path accounting, the byte pump (recv/send, or splice through a pipe), accept +
+# connect in the worker, and the Python-facing classes.
+include "_relay_paths.pxi"
 include "_relay_pump.pxi"
 include "_relay_accept.pxi"
 include "_relay_api.pxi"

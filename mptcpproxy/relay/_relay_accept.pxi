@@ -117,6 +117,7 @@ cdef void accept_some(WorkerState *w, Listener *l) noexcept nogil:
         p.splice = cfg.splice
         p.start_ns = now_ns()
         keep_client_address(p, &ss)
+        addr_from_sockaddr(&p.upstream, <uint8_t *>&cfg.up_addr)
         c.pthread_mutex_lock(&w.lock)
         c.__atomic_fetch_add(&w.total, 1, c.__ATOMIC_RELEASE)
         c.pthread_mutex_unlock(&w.lock)
@@ -206,5 +207,5 @@ cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept
             finish(w, p, R_FAILED, soerr)
             return 1
     p.connecting = 0
-    sample_mptcp(p)
+    sample_mptcp(w, p)
     return 0

@@ -13,13 +13,15 @@ cdef class _Worker:
         for i in range(MAX_LISTENERS):
             self.w.listeners[i].fd = -1
 
-    def __init__(self, size_t bufsize, int notifyfd, double busy_poll):
+    def __init__(self, size_t bufsize, int notifyfd, double busy_poll, bint path_stats):
         cdef c.epoll_event ev
         self.w.notifyfd = notifyfd
+        self.w.path_stats = path_stats
         self.w.busy_ns = <int64_t>(busy_poll * NS)
         self.w.bufsize = bufsize
         c.pthread_mutex_init(&self.w.lock, NULL)
         c.pthread_mutex_init(&self.w.out_lock, NULL)
+        c.pthread_mutex_init(&self.w.pub_lock, NULL)
         self.w.epfd = c.epoll_create1(c.EPOLL_CLOEXEC)
         if self.w.epfd < 0:
             raise OSError(c.errno, os.strerror(c.errno))
@@ -60,6 +62,7 @@ cdef class _Worker:
         cdef Done *taken
         cdef int n, cap, i
         cdef Done *d
+        cdef PathSet *ps
         c.pthread_mutex_lock(&self.w.out_lock)
         taken, n, cap = self.w.done, self.w.ndone, self.w.done_cap
         self.w.done, self.w.ndone, self.w.done_cap = self.w.spare, 0, self.w.spare_cap
@@ -71,11 +74,68 @@ cdef class _Worker:
                 client = (socket.inet_ntop(socket.AF_INET, d.client_addr[:4]), d.client_port)
             elif d.client_family == c.AF_INET6:
                 client = (socket.inet_ntop(socket.AF_INET6, d.client_addr[:16]), d.client_port)
+            paths = py_pathset(d.ps)
+            ps = d.ps
             out.append(Result(
                 d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
                 REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client, d.tag,
+                paths, ps.mptcp_sent if ps else 0, ps.mptcp_received if ps else 0,
+                ps.mptcp_retrans if ps else 0,
             ))
+            free(d.ps)
+            d.ps = NULL
         self.w.spare, self.w.spare_cap = taken, cap
+
+    cdef void connections(self, list out, int64_t now):
+        # Copy what the worker last published under pub_lock, then build the ConnStats.
+        cdef PubBuf b
+        cdef ConnPub *cp
+        cdef int i
+        memset(&b, 0, sizeof(b))
+        c.pthread_mutex_lock(&self.w.pub_lock)
+        b.nconns, b.npaths = self.w.pub.nconns, self.w.pub.npaths
+        b.conns = <ConnPub *>malloc(b.nconns * sizeof(ConnPub) + 1)
+        b.paths = <PathRec *>malloc(b.npaths * sizeof(PathRec) + 1)
+        if b.conns != NULL and b.paths != NULL:
+            memcpy(b.conns, self.w.pub.conns, b.nconns * sizeof(ConnPub))
+            memcpy(b.paths, self.w.pub.paths, b.npaths * sizeof(PathRec))
+        c.pthread_mutex_unlock(&self.w.pub_lock)
+        try:
+            if b.conns == NULL or b.paths == NULL:
+                raise MemoryError()
+            for i in range(b.nconns):
+                cp = &b.conns[i]
+                out.append(ConnStat(
+                    cp.conn_id, cp.tag, py_addr(&cp.client), py_addr(&cp.upstream),
+                    max(now - cp.start_ns, 0) / 1e9, cp.bytes_ab, cp.bytes_ba,
+                    bool(cp.is_mptcp), cp.subflows, py_paths(&b.paths[cp.first_path], cp.npaths),
+                    cp.mptcp_sent, cp.mptcp_received, cp.mptcp_retrans,
+                ))
+        finally:
+            free(b.conns)
+            free(b.paths)
+
+    cdef uint64_t path_totals(self, dict out):
+        # Per local address (None: "other"): [sent, received, retrans, RTT bucket counts...,
+        # RTT sum in s], added to what `out` holds; returns the reinjected bytes.
+        cdef int i, k
+        cdef AddrStat *a
+        c.pthread_mutex_lock(&self.w.pub_lock)
+        try:
+            for i in list(range(self.w.naddrs)) + [MAX_ADDRS]:
+                a = &self.w.addrs[i]
+                key = py_addr(&a.local)
+                key = key[0] if key else None
+                row = out.setdefault(key, [0] * (5 + RTT_BOUNDS))
+                row[0] += a.sent
+                row[1] += a.received
+                row[2] += a.retrans
+                for k in range(RTT_BOUNDS + 1):
+                    row[3 + k] += a.rtt_count[k]
+                row[4 + RTT_BOUNDS] += a.rtt_sum_us / 1e6
+            return self.w.reinjected
+        finally:
+            c.pthread_mutex_unlock(&self.w.pub_lock)
 
     cdef void push(self, Pair *p) noexcept:
         cdef uint64_t one = 1
@@ -167,12 +227,19 @@ cdef class _Worker:
             c.close(self.w.pipes[i])
         free(self.w.pool)
         free(self.w.scratch)
+        for i in range(self.w.ndone):
+            free(self.w.done[i].ps)  # reports never collected
         free(self.w.done)
         free(self.w.spare)
+        free(self.w.pub.conns)
+        free(self.w.pub.paths)
+        free(self.w.pub_back.conns)
+        free(self.w.pub_back.paths)
         free(self.w.open_by_tag)
         free(self.w.accepted_by_tag)
         c.pthread_mutex_destroy(&self.w.lock)
         c.pthread_mutex_destroy(&self.w.out_lock)
+        c.pthread_mutex_destroy(&self.w.pub_lock)
 
 
 @cython.final
@@ -190,7 +257,7 @@ cdef class Relay:
         self._notifyfd = -1
 
     def __init__(self, int workers=1, size_t bufsize=131072, double idle_timeout=0.0,
-                 bint splice=False, double busy_poll=0.0):
+                 bint splice=False, double busy_poll=0.0, bint path_stats=True):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
@@ -205,7 +272,7 @@ cdef class Relay:
             raise OSError(c.errno, os.strerror(c.errno))
         self._workers = []
         for _ in range(workers):
-            self._workers.append(_Worker(bufsize, self._notifyfd, busy_poll))
+            self._workers.append(_Worker(bufsize, self._notifyfd, busy_poll, path_stats))
 
     def __reduce__(self):
         raise TypeError("a relay holds fds and cannot be pickled")
@@ -263,6 +330,8 @@ cdef class Relay:
         p.splice = splicing
         p.mptcp_side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         p.start_ns = now_ns()
+        addr_of_peer(&p.peer_a, fd_a)
+        addr_of_peer(&p.upstream, fd_b)
         best.push(p)
 
     cdef int64_t _nanoseconds(self, name, value) except? -1:
@@ -343,6 +412,22 @@ cdef class Relay:
 
     def stats(self):
         return [(<_Worker>w).stats() for w in self._workers]
+
+    def connections(self):
+        cdef _Worker w
+        cdef list out = []
+        cdef int64_t now = now_ns()
+        for w in self._workers:
+            w.connections(out, now)
+        return out
+
+    def path_totals(self):
+        cdef _Worker w
+        cdef dict out = {}
+        cdef uint64_t reinjected = 0
+        for w in self._workers:
+            reinjected += w.path_totals(out)
+        return out, reinjected
 
     def close(self):
         if self._closed:

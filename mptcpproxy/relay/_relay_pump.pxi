@@ -102,9 +102,9 @@ cdef inline void requeue(WorkerState *w, Pair *p) noexcept nogil:
         w.ready = p
 
 
-cdef void half_eof(Pair *p, int h) noexcept nogil:
+cdef void half_eof(WorkerState *w, Pair *p, int h) noexcept nogil:
     # EOF from side h: nothing is pending for the other side, so half-close it now.
-    sample_mptcp(p)
+    sample_mptcp(w, p)
     c.shutdown(p.side[1 - h].fd, c.SHUT_WR)
     p.half[h].done = 1
     p.side[h].readable = 0
@@ -142,7 +142,7 @@ cdef int splice_half(WorkerState *w, Pair *p, int h, int budget, size_t moved) n
             moved += n
             p.last_ns = w.now
         elif n == 0:
-            half_eof(p, h)
+            half_eof(w, p, h)
             break
         elif err == c.EAGAIN:
             src.readable = 0
@@ -228,7 +228,7 @@ cdef int pump_half(WorkerState *w, Pair *p, int h) noexcept nogil:
                 # only say EAGAIN. Once a FIN is signalled, read on until the EOF.
                 src.readable = 0
         elif n == 0:
-            half_eof(p, h)
+            half_eof(w, p, h)
             return 0
         elif err == c.EAGAIN:
             src.readable = 0

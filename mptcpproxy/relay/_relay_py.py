@@ -21,6 +21,7 @@ from mptcpproxy.relay._relay_py_accept import (
     _Listen,
     try_setsockopt,
 )
+from mptcpproxy.relay._relay_py_paths import AddrTotals, peer
 from mptcpproxy.relay._relay_py_pump import Pump, _Pair
 from mptcpproxy.relay._results import (
     ABORTED,
@@ -29,6 +30,7 @@ from mptcpproxy.relay._results import (
     MAX_SECONDS,
     RESET,
     TIMEOUT,
+    ConnStat,
     Result,
     WorkerStats,
 )
@@ -43,8 +45,13 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class _Worker(Pump, Accept):
-    def __init__(self, bufsize: int, notify_fd: int, results: deque, busy_poll: float = 0.0):
+    def __init__(self, bufsize: int, notify_fd: int, results: deque, busy_poll: float = 0.0,
+                 path_stats: bool = True):
         self.bufsize = bufsize
+        # path_stats: per-address counters (None: off), the open pairs as last published
+        self.acc = AddrTotals() if path_stats else None
+        self.published: list[tuple[float, ConnStat]] = []  # (start, as published)
+        self.pub_lock = threading.Lock()
         self.busy_poll = busy_poll  # poll without sleeping this long after the last event
         self.pipes: list[tuple[int, int]] = []  # spare empty pipes
         self.notify_fd = notify_fd
@@ -109,7 +116,7 @@ class _Worker(Pump, Accept):
         # splice() into a socket whose peer is gone raises SIGPIPE (no MSG_NOSIGNAL there):
         # blocked in this thread, it stays pending instead of killing the process.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
-        next_scan = now = last_event = 0.0
+        next_scan = next_pub = now = last_event = 0.0
         while True:
             busy = self.pairs or self.paused
             if self.ready or now - last_event < self.busy_poll:
@@ -160,6 +167,9 @@ class _Worker(Pump, Accept):
                 self._scan(now)
                 self._sync_listener(now)
                 next_scan = now + 0.25
+            if now >= next_pub or (not self.pairs and not self.held and self.published):
+                self._publish(now)  # for connections(): every second, and once all ended
+                next_pub = now + 1.0
             self._bury()
             if self.notify_pending and now - self.last_notify >= NOTIFY_S:
                 # Each write wakes the control thread: at most one per NOTIFY_S.
@@ -191,7 +201,7 @@ class _Worker(Pump, Accept):
             elif pair.idle > 0 and now - pair.last >= pair.idle:
                 self._finish(pair, TIMEOUT, 0)
             elif pair.mptcp_side >= 0 and pair.last > pair.sampled and now - pair.sampled >= 1:
-                pair.sample_mptcp()
+                pair.sample_mptcp(self.acc)
                 pair.sampled = now
 
     def _take_incoming(self, now: float) -> None:
@@ -203,7 +213,7 @@ class _Worker(Pump, Accept):
             incoming, self.incoming = self.incoming, []
         for pair in incoming:
             if self._register(pair, now):
-                pair.sample_mptcp()
+                pair.sample_mptcp(self.acc)
         self._sync_listener(now)
 
     def _register(self, pair: _Pair, now: float) -> bool:
@@ -225,7 +235,9 @@ class _Worker(Pump, Accept):
         if reason == FAILED:
             pair.is_mptcp, pair.subflows = False, 0  # never connected: no MPTCP status
         else:
-            pair.sample_mptcp()
+            pair.sample_mptcp(self.acc)  # the last sample, before close()
+            if pair.paths is not None:
+                pair.paths.closed()
         rst = reason in (RESET, ERROR, ABORTED) or (reason == TIMEOUT and pair.holds_bytes())
         for sock in pair.socks:
             if sock is None:
@@ -245,11 +257,35 @@ class _Worker(Pump, Accept):
         self._end_splice(pair, 0, 0)
         self._end_splice(pair, 1, 0)
         self.finished += 1
+        paths = pair.paths
         self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
             reason, err, pair.is_mptcp, pair.subflows, pair.client, pair.tag,
+            *((paths.stats(), *paths.totals) if paths else ()),
         ))
         self.count_open(pair.tag, -1)  # after the report (see _relay.pyx)
+
+    def _publish(self, now: float) -> None:
+        seen, out = set(), []
+        for pair in [*self.held, *(p for p, _ in self.pairs.values())]:
+            if id(pair) in seen or pair.dead:
+                continue
+            seen.add(id(pair))
+            paths = pair.paths
+            out.append((pair.start, ConnStat(
+                pair.conn_id, pair.tag, pair.client or pair.peer_a, pair.upstream,
+                0.0, pair.nbytes[0], pair.nbytes[1], pair.is_mptcp,
+                pair.subflows, paths.stats() if paths else (),
+                *(paths.totals if paths else (0, 0, 0)),
+            )))
+        with self.pub_lock:
+            self.published = out
+
+    def connections(self) -> list[ConnStat]:
+        with self.pub_lock:
+            published = self.published
+        now = time.monotonic()  # the ages as of now; the rest as of the last publication
+        return [conn._replace(age=max(now - start, 0.0)) for start, conn in published]
 
     def _bury(self) -> None:
         graveyard, self.graveyard = self.graveyard, []
@@ -285,7 +321,7 @@ class Relay:
     """Worker threads that pump bytes between pairs of sockets; see _relay.pyi."""
 
     def __init__(self, workers: int = 1, bufsize: int = 131072, idle_timeout: float = 0.0,
-                 splice: bool = False, busy_poll: float = 0.0):
+                 splice: bool = False, busy_poll: float = 0.0, path_stats: bool = True):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if bufsize < 4096:
@@ -296,8 +332,8 @@ class Relay:
         self._splice = splice  # defaults for pairs and listeners that name none
         self._idle_timeout = idle_timeout
         self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._workers = [_Worker(bufsize, self._notify_fd, self._results, busy_poll)
-                         for _ in range(workers)]
+        self._workers = [_Worker(bufsize, self._notify_fd, self._results, busy_poll,
+                                 path_stats) for _ in range(workers)]
         self._closed = False
         self._listeners: dict[int, socket.socket] = {}  # the callers' fds, never closed
 
@@ -338,7 +374,9 @@ class Relay:
             raise
         side = 0 if mptcp_fd == fd_a else 1 if mptcp_fd == fd_b else -1
         worker = min(self._workers, key=lambda w: w.active)
-        worker.push(_Pair(socks, conn_id, side, None, tag, idle, splice))
+        pair = _Pair(socks, conn_id, side, None, tag, idle, splice)
+        pair.peer_a, pair.upstream = peer(socks[0]), peer(socks[1])
+        worker.push(pair)
 
     def _idle(self, idle_timeout: float | None) -> float:
         idle = self._idle_timeout if idle_timeout is None else idle_timeout
@@ -404,6 +442,14 @@ class Relay:
     def stats(self) -> list[WorkerStats]:
         return [WorkerStats(w.active, w.total, w.nbytes, w.accepted, w.accept_errors)
                 for w in self._workers]
+
+    def connections(self) -> list[ConnStat]:
+        return [conn for w in self._workers for conn in w.connections()]
+
+    def path_totals(self) -> tuple[dict, int]:
+        out: dict = {}
+        reinjected = sum(w.acc.add_to(out) for w in self._workers if w.acc is not None)
+        return out, reinjected
 
     def close(self) -> None:
         if self._closed:

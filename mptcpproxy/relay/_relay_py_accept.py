@@ -137,6 +137,7 @@ class Accept:
             client.setblocking(False)
             pair = _Pair([client, None], next(_ids), cfg.mptcp_side, addr[:2], cfg.tag,
                          cfg.idle, cfg.splice, cfg.connect_timeout)
+            pair.upstream = cfg.sockaddr[:2]
             with self.lock:
                 self.total += 1
             self.count_open(pair.tag, 1)
@@ -204,5 +205,5 @@ class Accept:
                 self._finish(pair, FAILED, err)
                 return True
         pair.connecting = False
-        pair.sample_mptcp()
+        pair.sample_mptcp(self.acc)
         return False

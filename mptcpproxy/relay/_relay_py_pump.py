@@ -12,6 +12,7 @@ import socket
 import struct
 import time
 
+from mptcpproxy.relay._relay_py_paths import AddrTotals, PathSet, full_info
 from mptcpproxy.relay._results import CLOSED, ERROR, RESET
 from mptcpproxy.sockets import MPTCP_INFO, SOL_MPTCP, TCP_IS_MPTCP
 
@@ -56,7 +57,7 @@ class _Pair:
         "socks", "readable", "writable", "rdhup", "pending", "nbytes", "done", "conn_id",
         "mptcp_side", "is_mptcp", "subflows", "start", "last", "sampled", "dead", "queued",
         "connecting", "client", "splicing", "pipe", "inpipe", "tag", "idle", "splice",
-        "connect_timeout", "held",
+        "connect_timeout", "held", "paths", "peer_a", "upstream",
     )
 
     def __init__(self, socks: list, conn_id: int, mptcp_side: int,
@@ -86,12 +87,15 @@ class _Pair:
         self.start = self.last = self.sampled = time.monotonic()
         self.dead = False
         self.queued = False
+        self.paths: PathSet | None = None  # path_stats, MPTCP: the last sample per subflow
+        self.peer_a = self.upstream = None  # where the sides are connected (connections())
 
     def holds_bytes(self) -> bool:
         """Bytes read from one peer and not yet delivered to the other."""
         return bool(self.pending[0] or self.pending[1] or self.inpipe[0] or self.inpipe[1])
 
-    def sample_mptcp(self) -> None:
+    def sample_mptcp(self, acc: AddrTotals | None) -> None:
+        """`acc`: the worker's per-address counters with path_stats, else None."""
         if self.mptcp_side < 0 or self.connecting:
             return
         sock = self.socks[self.mptcp_side]
@@ -99,19 +103,29 @@ class _Pair:
             if not sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP):
                 return
             self.is_mptcp = True
-            n = established_subflows(sock.fileno())
+            n = (self._sample_paths(sock.fileno(), acc) if acc is not None
+                 else established_subflows(sock.fileno()))
             if n is None:  # an older kernel: joins under way are counted too
                 n = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 4)[0] + 1
             self.subflows = max(self.subflows, n)
         except OSError:
             pass
 
+    def _sample_paths(self, fd: int, acc: AddrTotals) -> int | None:
+        sample = full_info(fd)
+        if sample is None:
+            return None
+        if self.paths is None:
+            self.paths = PathSet()
+        return self.paths.fold(*sample, acc)
+
 
 class Pump:
-    """Needs from the worker: `bufsize`, `pipes` (the spare pipes), `ready`, `nbytes`,
-    and `_finish(pair, reason, err)`."""
+    """Needs from the worker: `bufsize`, `acc`, `pipes` (the spare pipes), `ready`,
+    `nbytes`, and `_finish(pair, reason, err)`."""
 
     bufsize: int
+    acc: AddrTotals | None
     pipes: list[tuple[int, int]]
     ready: list[_Pair]
     nbytes: int
@@ -201,7 +215,7 @@ class Pump:
 
     def _eof(self, pair: _Pair, h: int) -> None:
         # Nothing is pending for the destination: half-close it now.
-        pair.sample_mptcp()
+        pair.sample_mptcp(self.acc)
         try:
             pair.socks[1 - h].shutdown(socket.SHUT_WR)
         except OSError:

@@ -19,6 +19,46 @@ REASONS = (CLOSED, RESET, TIMEOUT, ERROR, ABORTED, FAILED, ACCEPT_ERROR)
 MAX_SECONDS = 1e9
 
 
+class PathStat(NamedTuple):
+    """One subflow of an MPTCP connection, as last sampled.
+
+    id 0 is not a subflow: it holds the bytes the samples missed on subflows that closed
+    between two samples when more than one did ("closed subflows"), and those of subflows
+    beyond the MAX_PATHS a connection keeps; its local and remote are ("", 0)."""
+
+    id: int  # the kernel's subflow id (unique per connection, never reused)
+    local: tuple  # (host, port)
+    remote: tuple  # (host, port)
+    bytes_sent: int  # tcpi_bytes_sent
+    bytes_received: int  # tcpi_bytes_received
+    bytes_retrans: int  # tcpi_bytes_retrans
+    rtt_us: int  # tcpi_rtt
+    closed: bool  # gone from the kernel's list (removed, or the connection ended)
+
+
+# Subflows kept per connection; a new one past that takes the place of a closed one (whose
+# counts go to the id-0 entry), or when none is closed, is counted in the id-0 entry.
+MAX_PATHS = 8
+
+
+class ConnStat(NamedTuple):
+    """One open pair, as its worker last published it (Relay.connections())."""
+
+    conn_id: int
+    tag: int  # the listener's tag
+    client: tuple | None  # (host, port) of the client (None if unknown)
+    upstream: tuple | None  # (host, port) the pair's upstream side is connected to
+    age: float  # seconds since the pair started
+    bytes_ab: int  # client -> upstream so far
+    bytes_ba: int  # upstream -> client so far
+    is_mptcp: bool
+    subflows: int  # established subflows now
+    paths: tuple  # of PathStat ((): not MPTCP, or sampling off / kernel < 6.5)
+    mptcp_bytes_sent: int  # connection-level mptcpi_bytes_sent (0 if not MPTCP)
+    mptcp_bytes_received: int
+    mptcp_bytes_retrans: int
+
+
 class Result(NamedTuple):
     """What one finished pair reports."""
 
@@ -32,6 +72,10 @@ class Result(NamedTuple):
     subflows: int  # most subflows seen on it, the first included (0 when not MPTCP)
     client: tuple | None = None  # (host, port) of a client the relay accepted itself
     tag: int = 0  # the listener's tag given to Relay.listen or Relay.add
+    paths: tuple = ()  # of PathStat, the final sample ((): not MPTCP, sampling off, < 6.5)
+    mptcp_bytes_sent: int = 0  # connection-level mptcpi_bytes_* (0 if not MPTCP)
+    mptcp_bytes_received: int = 0
+    mptcp_bytes_retrans: int = 0
 
 
 class WorkerStats(NamedTuple):

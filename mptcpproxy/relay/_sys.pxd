@@ -95,6 +95,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int getpeername(int fd, sockaddr *addr, socklen_t *len)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
 
 
@@ -200,7 +201,12 @@ cdef struct mptcp_info:
     uint8_t mptcpi_add_addr_signal
     uint8_t mptcpi_add_addr_accepted
     uint8_t mptcpi_subflows_max
-    uint8_t rest[92]
+    uint8_t skip[44]
+    uint64_t mptcpi_bytes_retrans  # @48: data-level reinjections (6.6+; 0 before)
+    uint64_t mptcpi_bytes_sent  # @56
+    uint64_t mptcpi_bytes_received  # @64
+    uint64_t mptcpi_bytes_acked  # @72
+    uint8_t rest[16]
 
 
 cdef struct mptcp_full_info:
@@ -223,3 +229,24 @@ cdef struct tcp_info_head:
     uint8_t skip1[119]
     uint64_t tcpi_bytes_acked  # @120: +1 for our SYN once the active open completed
     uint64_t tcpi_bytes_received  # @128: +1 for the peer's FIN
+
+
+cdef struct tcp_info_paths:
+    # The leading 216 bytes of struct tcp_info: what a per-path sample needs.
+    uint8_t tcpi_state
+    uint8_t skip1[67]
+    uint32_t tcpi_rtt  # @68, microseconds
+    uint8_t skip2[48]
+    uint64_t tcpi_bytes_acked  # @120
+    uint64_t tcpi_bytes_received  # @128
+    uint8_t skip3[64]
+    uint64_t tcpi_bytes_sent  # @200: payload sent, retransmissions included
+    uint64_t tcpi_bytes_retrans  # @208
+
+
+cdef struct mptcp_subflow_info:
+    # struct mptcp_subflow_info (264 bytes): the subflow id and its two sockaddr_storage.
+    uint32_t id  # unique per connection, never reused (6.5+)
+    uint32_t pad
+    uint8_t local[128]
+    uint8_t remote[128]
