@@ -18,6 +18,7 @@ MAX_BODY = 64 << 20  # bytes: a proxy with very many connections, not an endless
 
 _CONN_HEAD = ("Conn", "Listener", "State", "Age", "Client", "Upstream", "Client>Up",
               "Up>Client", "MPTCP")
+CLOSED_SUBFLOWS = "closed subflows"  # a path with id 0: bytes the samples missed
 _LOCAL_HEAD = ("Local address", "Paths", "Sent", "Received", "Retransmitted")
 
 
@@ -97,7 +98,9 @@ def _aligned(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
 
 
 def _path_row(p: dict[str, Any]) -> tuple[str, ...]:
-    return (f"{_safe(p.get('local'))} > {_safe(p.get('remote'))}",
+    route = (f"{_safe(p.get('local'))} > {_safe(p.get('remote'))}" if p.get("id") else
+             CLOSED_SUBFLOWS)
+    return (route,
             f"{float(p.get('share') or 0):.1f}%",
             f"sent {human_bytes(p.get('bytes_sent'))}",
             f"received {human_bytes(p.get('bytes_received'))}",
@@ -131,8 +134,9 @@ def table(doc: dict[str, Any]) -> str:
     if locs:
         out.append("")
         out.extend(_aligned([_LOCAL_HEAD, *[
-            (_safe(x.get("address")), _safe(x.get("paths")), human_bytes(x.get("bytes_sent")),
-             human_bytes(x.get("bytes_received")), human_bytes(x.get("bytes_retrans")))
+            (_safe(x.get("address") or CLOSED_SUBFLOWS), _safe(x.get("paths")),
+             human_bytes(x.get("bytes_sent")), human_bytes(x.get("bytes_received")),
+             human_bytes(x.get("bytes_retrans")))
             for x in locs]]))
     return "\n".join(out) + "\n"
 

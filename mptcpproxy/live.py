@@ -17,7 +17,9 @@ plane is still making (then age_s and the byte counts are null). `mptcp` is true
 MPTCP leg fell back to TCP) or null (no MPTCP leg: --disable-mptcp), as in the JSON log
 line. `share` is the percentage of the connection's bytes that path carried: of those the
 proxy sent on the MPTCP leg, or of those it received when it sent none. `locals` sums the
-paths of the open connections per local address.
+paths of the open connections per local address. A path with id 0 is no subflow: it holds
+the bytes of closed subflows the samples missed (local and remote null, address null in
+`locals`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def shares(paths: Iterable) -> list[float]:
 
 
 def _paths(stat) -> list[dict[str, Any]]:
-    return [{"id": p.id, "local": peer_name(p.local), "remote": peer_name(p.remote),
+    # id 0 is no subflow but the bytes of closed ones the samples missed: no addresses
+    return [{"id": p.id, "local": _name(p.local) if p.id else None,
+             "remote": _name(p.remote) if p.id else None,
              "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
              "bytes_retrans": p.bytes_retrans, "rtt_us": p.rtt_us, "closed": bool(p.closed),
              "share": share}
@@ -94,17 +98,18 @@ def connecting(conn_id: int, listener: str, client: tuple | None, via: tuple | N
 
 
 def locals_of(stats: Iterable) -> list[dict[str, Any]]:
-    """The paths of these ConnStats summed per local address, sorted by address."""
-    out: dict[str, dict[str, Any]] = {}
+    """The paths of these ConnStats summed per local address, sorted by address; the bytes
+    of closed subflows the samples missed (PathStat id 0) last, as address null."""
+    out: dict[str | None, dict[str, Any]] = {}
     for stat in stats:
         for p in stat.paths:
-            host = _host(p.local)
+            host = _host(p.local) if p.id else None
             row = out.setdefault(host, {"address": host, "paths": 0, "bytes_sent": 0,
                                         "bytes_received": 0, "bytes_retrans": 0})
             row["paths"] += 1
             for key in ("bytes_sent", "bytes_received", "bytes_retrans"):
                 row[key] += getattr(p, key)
-    return [out[k] for k in sorted(out)]
+    return [out[k] for k in sorted(out, key=lambda k: (k is None, k or ""))]
 
 
 def document(proxy) -> dict[str, Any]:

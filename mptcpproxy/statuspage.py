@@ -78,15 +78,20 @@ function hostOf(addr) {
 }
 
 function colourOf(colours, addr) {
-  const i = colours.get(hostOf(addr));
+  const i = colours.get(addr === null ? null : hostOf(addr));
   return i === undefined ? "#999" : COLOURS[i % COLOURS.length];
+}
+
+function route(p) {
+  // id 0 is no subflow: the bytes of closed subflows that the samples missed
+  return p.id ? p.local + " \\u2192 " + p.remote : "closed subflows";
 }
 
 function pathItem(p, colours) {
   const li = el("li", p.closed ? "path closed" : "path");
   const sw = el("span", "swatch");
   sw.style.backgroundColor = colourOf(colours, p.local);
-  li.append(sw, el("span", "route", p.local + " \\u2192 " + p.remote),
+  li.append(sw, el("span", "route", route(p)),
             el("span", "share", Number(p.share).toFixed(1) + " %"),
             el("span", "", "sent " + bytes(p.bytes_sent)),
             el("span", "", "received " + bytes(p.bytes_received)),
@@ -115,7 +120,7 @@ function connection(c, colours) {
     const seg = el("span", "seg");
     seg.style.width = Math.max(0, Math.min(100, Number(p.share) || 0)) + "%";
     seg.style.backgroundColor = colourOf(colours, p.local);
-    seg.title = p.local + " \\u2192 " + p.remote + ": " + Number(p.share).toFixed(1) + " %";
+    seg.title = route(p) + ": " + Number(p.share).toFixed(1) + " %";
     bar.append(seg);
   }
   box.append(bar);
@@ -142,7 +147,8 @@ function localsTable(locals, colours) {
     sw.style.backgroundColor = COLOURS[colours.get(l.address) % COLOURS.length];
     const first = el("td");
     first.append(sw);
-    tr.append(first, el("td", "address", l.address), el("td", "n", l.paths),
+    tr.append(first, el("td", "address", l.address ?? "closed subflows"),
+              el("td", "n", l.paths),
               el("td", "n", bytes(l.bytes_sent)), el("td", "n", bytes(l.bytes_received)),
               el("td", "n", bytes(l.bytes_retrans)));
     table.append(tr);

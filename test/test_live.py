@@ -22,36 +22,7 @@ from mptcpproxy.config import HostPort
 from mptcpproxy.connlog import Conn
 from mptcpproxy.connview import table
 from mptcpproxy.metrics import Metrics
-
-try:
-    from mptcpproxy.relay._results import ConnStat, PathStat
-except ImportError:  # TEMPORARY until branch paths is merged: iface13.md's types
-    from typing import NamedTuple
-
-    class PathStat(NamedTuple):
-        id: int
-        local: tuple
-        remote: tuple
-        bytes_sent: int
-        bytes_received: int
-        bytes_retrans: int
-        rtt_us: int
-        closed: bool
-
-    class ConnStat(NamedTuple):
-        conn_id: int
-        tag: int
-        client: tuple | None
-        upstream: tuple | None
-        age: float
-        bytes_ab: int
-        bytes_ba: int
-        is_mptcp: bool
-        subflows: int
-        paths: tuple
-        mptcp_bytes_sent: int
-        mptcp_bytes_received: int
-        mptcp_bytes_retrans: int
+from mptcpproxy.relay._results import ConnStat, PathStat
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
@@ -118,6 +89,18 @@ def test_document_lists_the_pairs_with_their_paths_and_the_local_totals() -> Non
          "bytes_retrans": 3000},
         {"address": "10.0.2.1", "paths": 1, "bytes_sent": 400_000, "bytes_received": 500,
          "bytes_retrans": 0}]
+
+
+def test_bytes_of_closed_subflows_have_no_addresses() -> None:
+    missed = PathStat(0, ("", 0), ("", 0), 5000, 0, 0, 0, True)
+    doc = live.document(fake_proxy([stat(4, (*TWO_PATHS, missed))]))
+    assert doc["connections"][0]["paths"][2] == {
+        "id": 0, "local": None, "remote": None, "bytes_sent": 5000, "bytes_received": 0,
+        "bytes_retrans": 0, "rtt_us": 0, "closed": True, "share": 0.5}
+    assert [x["address"] for x in doc["locals"]] == ["10.0.1.1", "10.0.2.1", None]
+    lines = table(doc).splitlines()
+    assert lines[4].split()[:4] == ["closed", "subflows", "0.5%", "sent"]
+    assert lines[-1].split()[:4] == ["closed", "subflows", "1", "5.0"]
 
 
 def test_shares_follow_the_received_bytes_when_none_were_sent() -> None:
