@@ -19,7 +19,7 @@ MAX_BODY = 64 << 20  # bytes: a proxy with very many connections, not an endless
 _CONN_HEAD = ("Conn", "Listener", "State", "Age", "Client", "Upstream", "Client>Up",
               "Up>Client", "MPTCP")
 CLOSED_SUBFLOWS = "closed subflows"  # a path with id 0: bytes the samples missed
-_LOCAL_HEAD = ("Local address", "Paths", "Sent", "Received", "Retransmitted")
+_LOCAL_HEAD = ("Local address", "Paths", "Share", "Sent", "Received", "Retransmitted")
 
 
 class ViewError(Exception):
@@ -91,6 +91,10 @@ def _mptcp(c: dict[str, Any]) -> str:
     return f"yes, {n} subflow{'' if n == 1 else 's'}"
 
 
+def _share(row: dict[str, Any]) -> str:
+    return f"{float(row.get('share') or 0):.1f}%"
+
+
 def _aligned(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -101,7 +105,7 @@ def _path_row(p: dict[str, Any]) -> tuple[str, ...]:
     route = (f"{_safe(p.get('local'))} > {_safe(p.get('remote'))}" if p.get("id") else
              CLOSED_SUBFLOWS)
     return (route,
-            f"{float(p.get('share') or 0):.1f}%",
+            _share(p),
             f"sent {human_bytes(p.get('bytes_sent'))}",
             f"received {human_bytes(p.get('bytes_received'))}",
             f"retrans {human_bytes(p.get('bytes_retrans'))}",
@@ -134,7 +138,7 @@ def table(doc: dict[str, Any]) -> str:
     if locs:
         out.append("")
         out.extend(_aligned([_LOCAL_HEAD, *[
-            (_safe(x.get("address") or CLOSED_SUBFLOWS), _safe(x.get("paths")),
+            (_safe(x.get("address") or CLOSED_SUBFLOWS), _safe(x.get("paths")), _share(x),
              human_bytes(x.get("bytes_sent")), human_bytes(x.get("bytes_received")),
              human_bytes(x.get("bytes_retrans")))
             for x in locs]]))

@@ -10,21 +10,22 @@ The document (JSON)::
                       "mptcp_bytes_retrans", "paths": [{"id", "local", "remote",
                       "bytes_sent", "bytes_received", "bytes_retrans", "rtt_us", "closed",
                       "share"}]}],
-     "locals": [{"address", "paths", "bytes_sent", "bytes_received", "bytes_retrans"}]}
+     "locals": [{"address", "paths", "bytes_sent", "bytes_received", "bytes_retrans",
+                 "share"}]}
 
 `state` is "relaying", or "connecting" for a client whose upstream connection the control
 plane is still making (then age_s and the byte counts are null). `mptcp` is true, false (the
 MPTCP leg fell back to TCP) or null (no MPTCP leg: --disable-mptcp), as in the JSON log
 line. `share` is the percentage of the connection's bytes that path carried: of those the
 proxy sent on the MPTCP leg, or of those it received when it sent none. `locals` sums the
-paths of the open connections per local address. A path with id 0 is no subflow: it holds
-the bytes of closed subflows the samples missed (local and remote null, address null in
-`locals`).
+paths of the open connections per local address, with each address's share of them all.
+A path with id 0 is no subflow: it holds the bytes of closed subflows the samples missed
+(local and remote null, address null in `locals`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mptcpproxy.connlog import Conn
@@ -42,13 +43,11 @@ def _name(addr: tuple | None) -> str | None:
     return None if addr is None else peer_name(addr)
 
 
-def shares(paths: Iterable) -> list[float]:
+def shares(counts: Sequence[tuple[int, int]]) -> list[float]:
     """Each path's percentage of the bytes sent on them, or received when none were sent
-    (one decimal; all 0.0 when no byte moved)."""
-    paths = list(paths)
-    counts = [p.bytes_sent for p in paths]
-    if not any(counts):
-        counts = [p.bytes_received for p in paths]
+    (one decimal; all 0.0 when no byte moved). `counts`: (bytes sent, received) per path."""
+    sent = [c[0] for c in counts]
+    counts = sent if any(sent) else [c[1] for c in counts]
     total = sum(counts)
     return [round(100.0 * n / total, 1) if total else 0.0 for n in counts]
 
@@ -60,7 +59,8 @@ def _paths(stat) -> list[dict[str, Any]]:
              "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
              "bytes_retrans": p.bytes_retrans, "rtt_us": p.rtt_us, "closed": bool(p.closed),
              "share": share}
-            for p, share in zip(stat.paths, shares(stat.paths), strict=True)]
+            for p, share in zip(stat.paths, shares(
+                [(p.bytes_sent, p.bytes_received) for p in stat.paths]), strict=True)]
 
 
 def relaying(stat, listener: str | None, conn: Conn | None, mptcp_leg: bool
@@ -109,7 +109,11 @@ def locals_of(stats: Iterable) -> list[dict[str, Any]]:
             row["paths"] += 1
             for key in ("bytes_sent", "bytes_received", "bytes_retrans"):
                 row[key] += getattr(p, key)
-    return [out[k] for k in sorted(out, key=lambda k: (k is None, k or ""))]
+    rows = [out[k] for k in sorted(out, key=lambda k: (k is None, k or ""))]
+    both = [(row["bytes_sent"], row["bytes_received"]) for row in rows]
+    for row, share in zip(rows, shares(both), strict=True):
+        row["share"] = share
+    return rows
 
 
 def document(proxy) -> dict[str, Any]:

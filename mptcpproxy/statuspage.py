@@ -24,6 +24,7 @@ h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
 .head .id { font-weight: bold; }
 .bar { display: flex; height: 14px; background: #eee; margin: .3em 0; max-width: 60em; }
 .seg { height: 100%; min-width: 2px; }
+.bar.small { width: 10em; height: 10px; margin: 0; }
 .paths { list-style: none; margin: 0; padding: 0; font-family: ui-monospace, monospace;
          font-size: 12.5px; }
 .paths li span { margin-right: 1em; }
@@ -138,7 +139,8 @@ function connection(c, colours) {
 function localsTable(locals, colours) {
   const table = el("table");
   const head = el("tr");
-  for (const h of ["", "local address", "paths", "sent", "received", "retransmitted"])
+  for (const h of ["", "local address", "paths", "share", "", "sent", "received",
+                   "retransmitted"])
     head.append(el("th", "", h));
   table.append(head);
   for (const l of locals) {
@@ -147,8 +149,14 @@ function localsTable(locals, colours) {
     sw.style.backgroundColor = COLOURS[colours.get(l.address) % COLOURS.length];
     const first = el("td");
     first.append(sw);
+    const bar = el("div", "bar small"), seg = el("span", "seg"), barCell = el("td");
+    seg.style.width = Math.max(0, Math.min(100, Number(l.share) || 0)) + "%";
+    seg.style.backgroundColor = sw.style.backgroundColor;
+    bar.append(seg);
+    barCell.append(bar);
     tr.append(first, el("td", "address", l.address ?? "closed subflows"),
-              el("td", "n", l.paths),
+              el("td", "n", l.paths), el("td", "n", Number(l.share).toFixed(1) + " %"),
+              barCell,
               el("td", "n", bytes(l.bytes_sent)), el("td", "n", bytes(l.bytes_received)),
               el("td", "n", bytes(l.bytes_retrans)));
     table.append(tr);

@@ -86,9 +86,9 @@ def test_document_lists_the_pairs_with_their_paths_and_the_local_totals() -> Non
                   "via": "127.0.0.1:5000", "upstream": "example.net:80", "age_s": None}
     assert doc["locals"] == [
         {"address": "10.0.1.1", "paths": 1, "bytes_sent": 600_000, "bytes_received": 1000,
-         "bytes_retrans": 3000},
+         "bytes_retrans": 3000, "share": 60.0},
         {"address": "10.0.2.1", "paths": 1, "bytes_sent": 400_000, "bytes_received": 500,
-         "bytes_retrans": 0}]
+         "bytes_retrans": 0, "share": 40.0}]
 
 
 def test_bytes_of_closed_subflows_have_no_addresses() -> None:
@@ -100,13 +100,13 @@ def test_bytes_of_closed_subflows_have_no_addresses() -> None:
     assert [x["address"] for x in doc["locals"]] == ["10.0.1.1", "10.0.2.1", None]
     lines = table(doc).splitlines()
     assert lines[4].split()[:4] == ["closed", "subflows", "0.5%", "sent"]
-    assert lines[-1].split()[:4] == ["closed", "subflows", "1", "5.0"]
+    assert lines[-1].split()[:5] == ["closed", "subflows", "1", "0.5%", "5.0"]
 
 
 def test_shares_follow_the_received_bytes_when_none_were_sent() -> None:
-    paths = (path(1, "10.0.1.1", "10.0.1.2", 0, 300), path(2, "10.0.2.1", "10.0.2.2", 0, 100))
-    assert live.shares(paths) == [75.0, 25.0]
-    assert live.shares((path(1, "10.0.1.1", "10.0.1.2", 0),)) == [0.0]
+    assert live.shares([(0, 300), (0, 100)]) == [75.0, 25.0]
+    assert live.shares([(0, 0)]) == [0.0]
+    assert live.shares([]) == []
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -142,9 +142,10 @@ def test_table_shows_each_connection_its_paths_and_the_locals() -> None:
                                 "rtt", "20.0ms"]
     assert lines[3].split()[:4] == ["10.0.2.1:40002", ">", "10.0.2.2:4444", "40.0%"]
     assert lines[3].split()[-1] == "closed"
-    assert lines[5].split() == ["Local", "address", "Paths", "Sent", "Received",
+    assert lines[5].split() == ["Local", "address", "Paths", "Share", "Sent", "Received",
                                 "Retransmitted"]
-    assert lines[6].split() == ["10.0.1.1", "1", "600.0", "kB", "1.0", "kB", "3.0", "kB"]
+    assert lines[6].split() == ["10.0.1.1", "1", "60.0%", "600.0", "kB", "1.0", "kB", "3.0",
+                                "kB"]
     assert table({"connections": [], "locals": []}) == "no open connections\n"
 
 
