@@ -5,6 +5,7 @@ subflow), then the totals per local address. `--json` prints the document as it 
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import urllib.error
@@ -38,6 +39,9 @@ def fetch(target: HostPort, timeout: float = TIMEOUT) -> dict[str, Any]:
             raise ViewError(f"{url} answered 404: is {target} the --metrics address of an "
                             "mptcp-proxy with the live view?") from None
         raise ViewError(f"{url} answered {exc.code} {exc.reason}") from None
+    except http.client.HTTPException:  # a bad status line, a body cut short
+        raise ViewError(f"{url} did not answer in HTTP: is {target} an mptcp-proxy --metrics "
+                        "address?") from None
     except (urllib.error.URLError, OSError) as exc:
         why = getattr(exc, "reason", exc)
         why = getattr(why, "strerror", None) or str(why)

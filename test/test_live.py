@@ -195,6 +195,28 @@ def test_connections_option_on_a_server_without_the_view() -> None:
     assert "answered 404" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_connections_option_on_a_port_that_speaks_no_http() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        srv.settimeout(TIMEOUT)
+        port = srv.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mptcpproxy", "--connections", f"127.0.0.1:{port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL)
+        with proc:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                conn.recv(4096)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1 and out == ""
+    assert err == (f"mptcp-proxy: error: http://127.0.0.1:{port}/connections did not answer "
+                   f"in HTTP: is 127.0.0.1:{port} an mptcp-proxy --metrics address?\n")
+
+
 def test_json_alone_is_a_usage_error() -> None:
     proc = _cli("--json")
     assert proc.returncode == 2
