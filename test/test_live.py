@@ -16,6 +16,7 @@ import browser
 import pytest
 from test_metrics import uvloop_primed  # noqa: F401  (a module fixture)
 from test_metrics_http import fetch, in_thread, with_server
+from test_operations import echo_server, free_port, wait_for
 
 from mptcpproxy import live, statuspage
 from mptcpproxy.config import HostPort
@@ -173,6 +174,47 @@ def test_connections_option_prints_the_table_and_the_json() -> None:
     assert shown.returncode == 0 and shown.stderr == ""
     assert shown.stdout == table(doc)
     assert raw.returncode == 0 and json.loads(raw.stdout) == doc
+
+
+def test_a_real_proxy_lists_its_open_connection() -> None:
+    """End to end, on loopback: an open MPTCP connection through a server proxy is in its
+    /connections (relay, control plane and HTTP server wired together) and in the table."""
+    upstream = echo_server()
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mptcpproxy", "-m", "server", "-p", str(port), "-b", "127.0.0.1",
+         "-r", f"127.0.0.1:{upstream.getsockname()[1]}", "--metrics", f"127.0.0.1:{mport}"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _cli("--connections", f"127.0.0.1:{mport}").returncode == 0,
+                 "the proxy's metrics server")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as c:  # MPTCP
+            c.settimeout(TIMEOUT)
+            c.connect(("127.0.0.1", port))
+            client = f"127.0.0.1:{c.getsockname()[1]}"
+            c.sendall(b"x" * 5000)
+            got = b""
+            while len(got) < 5000:
+                got += c.recv(65536)
+
+            def listed() -> dict | None:
+                doc = json.loads(_cli("--connections", f"127.0.0.1:{mport}", "--json").stdout)
+                return doc if doc["connections"] else None
+
+            (conn,) = wait_for(listed, "the connection in /connections")["connections"]
+            text = _cli("--connections", f"127.0.0.1:{mport}").stdout
+        assert conn["client"] == client
+        assert conn["upstream"] == f"127.0.0.1:{upstream.getsockname()[1]}"
+        assert (conn["listener"], conn["state"], conn["mptcp"]) == (str(port), "relaying", True)
+        assert conn["bytes_client_to_upstream"] == conn["bytes_upstream_to_client"] == 5000
+        assert text.splitlines()[1].split()[:3] == [str(conn["id"]), str(port), "relaying"]
+        assert "yes, 1 subflow" in text
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=TIMEOUT)
+        upstream.close()
+    assert proc.returncode == 0, err
 
 
 def test_connections_option_when_nothing_answers() -> None:
