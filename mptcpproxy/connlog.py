@@ -8,7 +8,7 @@ import os
 import socket
 
 from mptcpproxy import sockets
-from mptcpproxy.relay._results import Result
+from mptcpproxy.relay._results import PathStat, Result
 
 log = logging.getLogger("mptcpproxy")
 
@@ -35,6 +35,30 @@ def reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _host(addr: tuple) -> str:
+    return f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+
+
+def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:
+    """(path, percent) per subflow: the share of the bytes the proxy sent on the MPTCP leg
+    (acknowledged by the peer: bytes its own qdisc dropped and sent again count once), or
+    of those it received when it sent none. The id-0 entry is "closed subflows"."""
+    sent = sum(p.bytes_sent for p in paths)
+    amounts = [(p.bytes_acked or p.bytes_sent) if sent else p.bytes_received for p in paths]
+    total = sum(amounts) or 1
+    return [(f"{_host(p.local)}>{_host(p.remote)}" if p.id else "closed subflows",
+             round(100 * n / total)) for p, n in zip(paths, amounts, strict=True)]
+
+
+def path_fields(p: PathStat) -> dict:
+    """One path as the JSON log and /connections give it."""
+    return {"id": p.id, "local": sockets.peer_name(p.local) if p.id else None,
+            "remote": sockets.peer_name(p.remote) if p.id else None,
+            "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
+            "bytes_retrans": p.bytes_retrans, "bytes_acked": p.bytes_acked,
+            "rtt_us": p.rtt_us, "closed": p.closed}
+
+
 def log_end(r: Result, conn: Conn) -> None:
     """The line for a finished pair: how it ended, the bytes, and whether MPTCP was used."""
     if not log.isEnabledFor(logging.INFO):
@@ -46,6 +70,8 @@ def log_end(r: Result, conn: Conn) -> None:
         mptcp = "mptcp=off"
     elif r.is_mptcp:
         mptcp = f"mptcp=yes subflows={r.subflows}"
+        if r.paths:
+            mptcp += " paths=" + ",".join(f"{p} {n}%" for p, n in path_shares(r.paths))
     else:
         mptcp = "mptcp=no (fell back to TCP)"
     client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)
@@ -58,5 +84,9 @@ def log_end(r: Result, conn: Conn) -> None:
                "upstream": upstream, "reason": r.reason, "errno": r.errno,
                "bytes_client_to_upstream": r.bytes_ab,
                "bytes_upstream_to_client": r.bytes_ba, "duration_s": round(r.duration, 3),
-               "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows},
+               "mptcp": r.is_mptcp if conn.mptcp_leg else None, "subflows": r.subflows,
+               "paths": [path_fields(p) for p in r.paths],
+               "mptcp_bytes_sent": r.mptcp_bytes_sent,
+               "mptcp_bytes_received": r.mptcp_bytes_received,
+               "mptcp_bytes_retrans": r.mptcp_bytes_retrans},
     )

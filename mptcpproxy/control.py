@@ -58,6 +58,7 @@ class Proxy(Results):
             active=self._active_by_listener,
             worker_stats=lambda: self.relay.stats() if self.relay else [],
             relay_accepted=self._accepted_by_listener,
+            path_totals=lambda: self.relay.path_totals() if self.relay else ({}, 0),
         )
         self.metrics_server: asyncio.AbstractServer | None = None
 

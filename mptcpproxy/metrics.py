@@ -38,6 +38,7 @@ from prometheus_client.utils import floatToGoString
 
 from mptcpproxy import __version__
 from mptcpproxy.metrics_http import start_metrics_server
+from mptcpproxy.pathmetrics import PathCollector
 from mptcpproxy.proxyhdr import ERROR_REASONS
 from mptcpproxy.relay._results import ABORTED, CLOSED, ERROR, RESET, TIMEOUT, Result, WorkerStats
 
@@ -154,14 +155,16 @@ class Metrics:
     def __init__(self, active: Callable[[], Mapping[str, int]] | Callable[[], int] | None = None,
                  worker_stats: Callable[[], Sequence[WorkerStats]] | None = None, *,
                  relay_accepted: Callable[[], Mapping[str, int]] | None = None,
-                 default_listener: str | None = None, engine: str | None = None) -> None:
+                 default_listener: str | None = None, engine: str | None = None,
+                 path_totals: Callable[[], tuple[dict, int]] | None = None) -> None:
         # Read at scrape time only, from the control plane's own state, so they cannot
         # drift. `active`: listener name -> connections open (connecting upstream or
         # relayed); returning an int is the one-listener form, for the default listener.
         # `worker_stats` is Relay.stats. `relay_accepted`: listener name -> connections the
         # relay's workers accepted themselves (Relay.listen); without it, the one-listener
         # form counts every worker's accepts for the default listener. `engine`: "c" or
-        # "py", else mptcpproxy.relay.ENGINE. A series whose source is None is left out.
+        # "py", else mptcpproxy.relay.ENGINE. `path_totals` is Relay.path_totals (the
+        # path metrics, pathmetrics.py). A series whose source is None is left out.
         self.active = active
         self.worker_stats = worker_stats
         self.relay_accepted = relay_accepted
@@ -174,6 +177,8 @@ class Metrics:
             self.listener(default_listener)
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
+        if path_totals is not None:
+            self.registry.register(PathCollector(path_totals))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
 

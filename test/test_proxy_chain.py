@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
 
 CLIENT_PROXY, SERVER_PROXY, NGINX, HAPROXY, WHOAMI, FRONT = 5555, 4444, 8080, 8081, 7000, 8000
 CONN_END = re.compile(r"conn \d+ (\w+): client (\S+)(?: via (\S+))? upstream (\S+) sent (\d+) "
-                      r"B received (\d+) B in \S+ s, (.*)$")
+                      r"B received (\d+) B in \S+ s, (.*?)(?: paths=(.*))?$")
 
 ADDRS = {  # per IP version: app, cpx (app side), cpx (MPTCP side), spx, spx (service side), svc
     4: ("10.77.1.2", "10.77.1.1", "10.77.2.1", "10.77.2.2", "10.77.3.1", "10.77.3.2", 24),

@@ -30,7 +30,7 @@ PROXY_ENV = {"PYTHONPATH": str(Path(_SPEC.origin).parent.parent)} if _SPEC and _
 SIZE = 6 << 20  # long enough on the shaped paths for the second subflow to join
 PROXY, SERVER_PROXY, SERVICE = 5555, 4444, 5201
 CONN_END = re.compile(r"conn (\d+) (\w+): client (\S+) upstream (\S+) sent (\d+) B "
-                      r"received (\d+) B in \S+ s, (.*)$")
+                      r"received (\d+) B in \S+ s, (.*?)(?: paths=(.*))?$")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def conn_ends(proc: Proc) -> list[dict]:
         m = CONN_END.search(line)
         if m:
             out.append({"how": m[2], "client": m[3], "upstream": m[4], "sent": int(m[5]),
-                        "received": int(m[6]), "mptcp": m[7]})
+                        "received": int(m[6]), "mptcp": m[7], "paths": m[8]})
     return out
 
 

@@ -45,6 +45,7 @@ cdef struct PathRec:
     uint64_t sent
     uint64_t received
     uint64_t retrans
+    uint64_t acked
     uint32_t rtt_us
 
 
@@ -57,12 +58,13 @@ cdef struct PathSet:
     uint64_t mptcp_sent  # the connection's mptcpi_bytes_* at the last sample
     uint64_t mptcp_received
     uint64_t mptcp_retrans
+    uint64_t mptcp_acked
 
 
 cdef struct AddrStat:
     # Path bytes counted per local address by one worker, since start (for the metrics).
     Addr local  # port 0; family 0: "other" (past MAX_ADDRS)
-    uint64_t sent
+    uint64_t sent  # acknowledged by the peer (tcpi_bytes_acked), see PathStat.bytes_acked
     uint64_t received
     uint64_t retrans
     uint64_t rtt_count[RTT_BOUNDS + 1]

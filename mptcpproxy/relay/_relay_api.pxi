@@ -124,6 +124,8 @@ cdef class _Worker:
         try:
             for i in list(range(self.w.naddrs)) + [MAX_ADDRS]:
                 a = &self.w.addrs[i]
+                if i == MAX_ADDRS and a.sent == 0 and a.received == 0 and a.retrans == 0:
+                    continue  # nothing past MAX_ADDRS addresses
                 key = py_addr(&a.local)
                 key = key[0] if key else None
                 row = out.setdefault(key, [0] * (5 + RTT_BOUNDS))

@@ -91,6 +91,7 @@ cdef int path_slot(PathSet *ps, c.mptcp_subflow_info *sf) noexcept nogil:
         ps.other.sent += ps.rec[j].sent
         ps.other.received += ps.rec[j].received
         ps.other.retrans += ps.rec[j].retrans
+        ps.other.acked += ps.rec[j].acked
     r = &ps.rec[j]
     memset(r, 0, sizeof(PathRec))
     r.id = sf.id
@@ -106,7 +107,7 @@ cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
     cdef int seen[MAX_PATHS]
     cdef int j, vanished = 0, gone = -1, untracked = 0
     cdef uint32_t i
-    cdef uint64_t ds, dr, dx, listed_sent = 0, listed_received = 0, missed_s, missed_r
+    cdef uint64_t ds, dr, dx, da, listed_acked = 0, listed_received = 0, missed_a, missed_r
     cdef PathRec *r
     cdef AddrStat *a
     memset(seen, 0, sizeof(seen))
@@ -123,15 +124,17 @@ cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
         ds = grown(tcpi[i].tcpi_bytes_sent, r.sent)
         dr = grown(tcpi[i].tcpi_bytes_received, r.received)
         dx = grown(tcpi[i].tcpi_bytes_retrans, r.retrans)
+        da = grown(tcpi[i].tcpi_bytes_acked, r.acked)
         r.sent += ds
         r.received += dr
         r.retrans += dx
+        r.acked += da
         r.rtt_us = tcpi[i].tcpi_rtt
         r.closed = 0
-        listed_sent += ds - dx if ds > dx else 0  # what MPTCP sent, not TCP's resends
+        listed_acked += da
         listed_received += dr
         a = addr_stat(w, &r.local)
-        a.sent += ds
+        a.sent += da
         a.received += dr
         a.retrans += dx
         if tcpi[i].tcpi_state == 1 and r.rtt_us > 0:  # ESTABLISHED: a current RTT
@@ -145,14 +148,16 @@ cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
         # What the connection moved that no listed subflow shows: a subflow removed since
         # the last sample took it along. To that one when it is the only one, else to
         # "closed subflows".
-        missed_s = grown(grown(info.mptcpi_bytes_sent, ps.mptcp_sent), listed_sent)
+        # (acknowledged bytes on both levels: a sent count includes local qdisc drops).
+        missed_a = grown(grown(info.mptcpi_bytes_acked, ps.mptcp_acked), listed_acked)
         missed_r = grown(grown(info.mptcpi_bytes_received, ps.mptcp_received), listed_received)
         r = &ps.rec[gone] if vanished == 1 and not untracked else &ps.other
-        r.sent += missed_s
+        r.sent += missed_a
+        r.acked += missed_a
         r.received += missed_r
         if r.id != 0:
             a = addr_stat(w, &r.local)
-            a.sent += missed_s
+            a.sent += missed_a
             a.received += missed_r
     w.reinjected += grown(info.mptcpi_bytes_retrans, ps.mptcp_retrans)
     c.pthread_mutex_unlock(&w.pub_lock)
@@ -163,6 +168,8 @@ cdef void update_paths(WorkerState *w, PathSet *ps, c.mptcp_info *info,
         ps.mptcp_received = info.mptcpi_bytes_received
     if info.mptcpi_bytes_retrans > ps.mptcp_retrans:
         ps.mptcp_retrans = info.mptcpi_bytes_retrans
+    if info.mptcpi_bytes_acked > ps.mptcp_acked:
+        ps.mptcp_acked = info.mptcpi_bytes_acked
 
 
 cdef int sample_paths(WorkerState *w, Pair *p, int fd) noexcept nogil:
@@ -204,7 +211,8 @@ cdef void paths_closed(PathSet *ps) noexcept nogil:
 
 
 cdef inline int has_other(PathSet *ps) noexcept nogil:
-    return ps.other.sent > 0 or ps.other.received > 0 or ps.other.retrans > 0
+    return (ps.other.sent > 0 or ps.other.received > 0 or ps.other.retrans > 0
+            or ps.other.acked > 0)
 
 
 cdef int pub_room(PubBuf *b, int paths) noexcept nogil:
@@ -297,6 +305,7 @@ cdef object py_paths(PathRec *recs, int n):
             recs[j].id, py_addr(&recs[j].local) or ("", 0),
             py_addr(&recs[j].remote) or ("", 0), recs[j].sent, recs[j].received,
             recs[j].retrans, recs[j].rtt_us, bool(recs[j].closed) or recs[j].id == 0,
+            recs[j].acked,
         ))
     return tuple(out)
 
@@ -309,3 +318,52 @@ cdef object py_pathset(PathSet *ps):
     if has_other(ps):
         out += py_paths(&ps.other, 1)
     return out
+
+
+def _fold_samples(list samples):
+    """Test hook: fold canned MPTCP_FULL_INFO answers, each (struct mptcp_full_info, the
+    subflow_info array, the tcp_info array) as bytes in the kernel's layouts, into one
+    pair's paths as the engine does. Returns ([established subflows per sample], paths,
+    (mptcp bytes sent, received, retrans), path_totals-like dict, reinjected bytes)."""
+    cdef WorkerState *w = <WorkerState *>calloc(1, sizeof(WorkerState))
+    cdef PathSet *ps = <PathSet *>calloc(1, sizeof(PathSet))
+    cdef c.mptcp_full_info mfi
+    cdef c.tcp_info_paths tcpi[c.MAX_SUBFLOWS]
+    cdef c.mptcp_subflow_info sfi[c.MAX_SUBFLOWS]
+    cdef uint32_t i, n
+    cdef int count
+    if w == NULL or ps == NULL:
+        free(w)
+        free(ps)
+        raise MemoryError()
+    c.pthread_mutex_init(&w.pub_lock, NULL)
+    counts = []
+    try:
+        for full, sf, tcp in samples:
+            memset(&mfi, 0, sizeof(mfi))
+            memset(sfi, 0, sizeof(sfi))
+            memset(tcpi, 0, sizeof(tcpi))
+            memcpy(&mfi, <char *>full, min(<size_t>len(full), sizeof(mfi)))
+            memcpy(sfi, <char *>sf, min(<size_t>len(sf), sizeof(sfi)))
+            memcpy(tcpi, <char *>tcp, min(<size_t>len(tcp), sizeof(tcpi)))
+            n = mfi.num_subflows if mfi.num_subflows < c.MAX_SUBFLOWS else c.MAX_SUBFLOWS
+            count = 0
+            for i in range(n):
+                if sfi[i].id != 0 and subflow_came_up(
+                        tcpi[i].tcpi_state, tcpi[i].tcpi_bytes_acked,
+                        tcpi[i].tcpi_bytes_received):
+                    count += 1
+            counts.append(count)
+            update_paths(w, ps, &mfi.info, sfi, tcpi, n)
+        totals = {}
+        for i in range(<uint32_t>w.naddrs):
+            key = py_addr(&w.addrs[i].local)
+            totals[key[0]] = [w.addrs[i].sent, w.addrs[i].received, w.addrs[i].retrans,
+                              *[w.addrs[i].rtt_count[k] for k in range(RTT_BOUNDS + 1)],
+                              w.addrs[i].rtt_sum_us / 1e6]
+        return (counts, py_pathset(ps), (ps.mptcp_sent, ps.mptcp_received, ps.mptcp_retrans),
+                totals, w.reinjected)
+    finally:
+        c.pthread_mutex_destroy(&w.pub_lock)
+        free(ps)
+        free(w)

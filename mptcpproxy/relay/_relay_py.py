@@ -261,7 +261,7 @@ class _Worker(Pump, Accept):
         self._report(Result(
             pair.conn_id, pair.nbytes[0], pair.nbytes[1], time.monotonic() - pair.start,
             reason, err, pair.is_mptcp, pair.subflows, pair.client, pair.tag,
-            *((paths.stats(), *paths.totals) if paths else ()),
+            *((paths.stats(), *paths.totals[:3]) if paths else ()),
         ))
         self.count_open(pair.tag, -1)  # after the report (see _relay.pyx)
 
@@ -276,7 +276,7 @@ class _Worker(Pump, Accept):
                 pair.conn_id, pair.tag, pair.client or pair.peer_a, pair.upstream,
                 0.0, pair.nbytes[0], pair.nbytes[1], pair.is_mptcp,
                 pair.subflows, paths.stats() if paths else (),
-                *(paths.totals if paths else (0, 0, 0)),
+                *(paths.totals[:3] if paths else (0, 0, 0)),
             )))
         with self.pub_lock:
             self.published = out

@@ -67,10 +67,10 @@ def subflows_of(mfi: bytes, sfi: bytes, tcpi: bytes) -> list[tuple]:
     return out
 
 
-def totals_of(mfi: bytes) -> tuple[int, int, int]:
-    """The connection's mptcpi_bytes_sent, _received, _retrans."""
-    retrans, sent, received = struct.unpack_from("=3Q", mfi, 40 + 48)
-    return sent, received, retrans
+def totals_of(mfi: bytes) -> tuple[int, int, int, int]:
+    """The connection's mptcpi_bytes_sent, _received, _retrans, _acked."""
+    retrans, sent, received, acked = struct.unpack_from("=4Q", mfi, 40 + 48)
+    return sent, received, retrans, acked
 
 
 class AddrTotals:
@@ -109,21 +109,22 @@ class PathSet:
     __slots__ = ("recs", "other", "totals")
 
     def __init__(self) -> None:
-        self.recs: list[list] = []  # [id, local, remote, sent, received, retrans, rtt, closed]
-        self.other = [0, _NO_ADDR, _NO_ADDR, 0, 0, 0, 0, True]
-        self.totals = [0, 0, 0]  # mptcpi_bytes_sent, _received, _retrans
+        # [id, local, remote, sent, received, retrans, rtt, closed, acked]: PathStat's order
+        self.recs: list[list] = []
+        self.other = [0, _NO_ADDR, _NO_ADDR, 0, 0, 0, 0, True, 0]
+        self.totals = [0, 0, 0, 0]  # mptcpi_bytes_sent, _received, _retrans, _acked
 
     def _slot(self, sf: tuple) -> list | None:
         for rec in self.recs:
             if rec[0] == sf[0]:
                 return rec
-        new = [sf[0], sf[1] or _NO_ADDR, sf[2] or _NO_ADDR, 0, 0, 0, 0, False]
+        new = [sf[0], sf[1] or _NO_ADDR, sf[2] or _NO_ADDR, 0, 0, 0, 0, False, 0]
         if len(self.recs) < MAX_PATHS:
             self.recs.append(new)
             return new
         for j, rec in enumerate(self.recs):
             if rec[7]:  # a closed one makes room; its counts go to `other`
-                for k in (3, 4, 5):
+                for k in (3, 4, 5, 8):
                     self.other[k] += rec[k]
                 self.recs[j] = new
                 return new
@@ -134,9 +135,9 @@ class PathSet:
         from mptcpproxy.relay._relay_py_pump import subflow_came_up
 
         listed = subflows_of(mfi, sfi, tcpi)
-        sent_now, received_now, retrans_now = totals_of(mfi)
+        now = totals_of(mfi)
         seen, untracked = set(), False
-        listed_sent = listed_received = 0
+        listed_acked = listed_received = 0
         count = 0
         with acc.lock:
             for sf in listed:
@@ -150,14 +151,16 @@ class PathSet:
                     continue
                 seen.add(id(rec))
                 ds, dr, dx = _grown(sent, rec[3]), _grown(received, rec[4]), _grown(retrans, rec[5])
+                da = _grown(acked, rec[8])
                 rec[3] += ds
                 rec[4] += dr
                 rec[5] += dx
+                rec[8] += da
                 rec[6], rec[7] = rtt, False
-                listed_sent += max(ds - dx, 0)
+                listed_acked += da
                 listed_received += dr
                 row = acc.row(rec[1])
-                row[0] += ds
+                row[0] += da
                 row[1] += dr
                 row[2] += dx
                 if state == 1 and rtt > 0:
@@ -167,18 +170,19 @@ class PathSet:
             for rec in gone:
                 rec[7] = True
             if gone or untracked:
-                missed_s = _grown(_grown(sent_now, self.totals[0]), listed_sent)
-                missed_r = _grown(_grown(received_now, self.totals[1]), listed_received)
+                # acknowledged bytes on both levels: a sent count includes local drops
+                missed_a = _grown(_grown(now[3], self.totals[3]), listed_acked)
+                missed_r = _grown(_grown(now[1], self.totals[1]), listed_received)
                 rec = gone[0] if len(gone) == 1 and not untracked else self.other
-                rec[3] += missed_s
+                rec[3] += missed_a
+                rec[8] += missed_a
                 rec[4] += missed_r
                 if rec is not self.other:
                     row = acc.row(rec[1])
-                    row[0] += missed_s
+                    row[0] += missed_a
                     row[1] += missed_r
-            acc.reinjected += _grown(retrans_now, self.totals[2])
-        self.totals = [max(self.totals[0], sent_now), max(self.totals[1], received_now),
-                       max(self.totals[2], retrans_now)]
+            acc.reinjected += _grown(now[2], self.totals[2])
+        self.totals = [max(a, b) for a, b in zip(self.totals, now, strict=True)]
         return count
 
     def closed(self) -> None:
@@ -187,7 +191,7 @@ class PathSet:
 
     def stats(self) -> tuple:
         out = tuple(PathStat(*rec) for rec in self.recs)
-        if any(self.other[3:6]):
+        if any(self.other[3:6]) or self.other[8]:
             out += (PathStat(*self.other),)
         return out
 
@@ -202,3 +206,13 @@ def peer(sock: socket.socket | None) -> tuple | None:
         return None
     host = addr[0][7:] if addr[0].startswith("::ffff:") and "." in addr[0] else addr[0]
     return host, addr[1]
+
+
+def fold_samples(samples: list) -> tuple:
+    """Test hook, as _relay._fold_samples: canned MPTCP_FULL_INFO answers folded into one
+    pair's paths."""
+    acc, paths = AddrTotals(), PathSet()
+    counts = [paths.fold(*sample, acc) for sample in samples]
+    totals: dict = {}
+    reinjected = acc.add_to(totals)
+    return counts, paths.stats(), tuple(paths.totals[:3]), totals, reinjected

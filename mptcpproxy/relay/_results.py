@@ -34,6 +34,10 @@ class PathStat(NamedTuple):
     bytes_retrans: int  # tcpi_bytes_retrans
     rtt_us: int  # tcpi_rtt
     closed: bool  # gone from the kernel's list (removed, or the connection ended)
+    # tcpi_bytes_acked: what the peer acknowledged on this subflow (+1 for SYN and FIN).
+    # Unlike bytes_sent it does not count a segment twice when the sender's own qdisc
+    # dropped it before the wire (tbf, fq_codel): the shares are taken from it.
+    bytes_acked: int = 0
 
 
 # Subflows kept per connection; a new one past that takes the place of a closed one (whose
