@@ -96,7 +96,7 @@ def _mptcp(c: dict[str, Any]) -> str:
 
 
 def _share(row: dict[str, Any]) -> str:
-    return f"{float(row.get('share') or 0):.1f}%"
+    return f"{round(float(row.get('share') or 0))}%"
 
 
 def _aligned(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
@@ -111,6 +111,7 @@ def _path_row(p: dict[str, Any]) -> tuple[str, ...]:
     return (route,
             _share(p),
             f"sent {human_bytes(p.get('bytes_sent'))}",
+            f"acked {human_bytes(p.get('bytes_acked'))}",
             f"received {human_bytes(p.get('bytes_received'))}",
             f"retrans {human_bytes(p.get('bytes_retrans'))}",
             f"rtt {(p.get('rtt_us') or 0) / 1000:.1f}ms",

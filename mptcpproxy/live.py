@@ -8,27 +8,30 @@ The document (JSON)::
                       "bytes_client_to_upstream", "bytes_upstream_to_client", "mptcp",
                       "subflows", "mptcp_bytes_sent", "mptcp_bytes_received",
                       "mptcp_bytes_retrans", "paths": [{"id", "local", "remote",
-                      "bytes_sent", "bytes_received", "bytes_retrans", "rtt_us", "closed",
-                      "share"}]}],
+                      "bytes_sent", "bytes_received", "bytes_retrans", "bytes_acked",
+                      "rtt_us", "closed", "share"}]}],
      "locals": [{"address", "paths", "bytes_sent", "bytes_received", "bytes_retrans",
-                 "share"}]}
+                 "bytes_acked", "share"}]}
 
 `state` is "relaying", or "connecting" for a client whose upstream connection the control
 plane is still making (then age_s and the byte counts are null). `mptcp` is true, false (the
 MPTCP leg fell back to TCP) or null (no MPTCP leg: --disable-mptcp), as in the JSON log
-line. `share` is the percentage of the connection's bytes that path carried: of those the
-proxy sent on the MPTCP leg, or of those it received when it sent none. `locals` sums the
-paths of the open connections per local address, with each address's share of them all.
+line. A path's fields are those of the JSON log line (connlog.path_fields); `share` is the
+percentage of the connection's bytes that path carried, as the end line counts it
+(connlog.path_shares): of those the proxy sent on the MPTCP leg (acknowledged), or of those
+it received when it sent none. `locals` sums the paths of the open connections per local
+address, with each address's share of them all.
 A path with id 0 is no subflow: it holds the bytes of closed subflows the samples missed
 (local and remote null, address null in `locals`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mptcpproxy.connlog import Conn
+from mptcpproxy.connlog import Conn, path_fields, path_shares
+from mptcpproxy.relay._results import PathStat
 from mptcpproxy.sockets import peer_name
 
 RELAYING, CONNECTING = "relaying", "connecting"
@@ -43,24 +46,9 @@ def _name(addr: tuple | None) -> str | None:
     return None if addr is None else peer_name(addr)
 
 
-def shares(counts: Sequence[tuple[int, int]]) -> list[float]:
-    """Each path's percentage of the bytes sent on them, or received when none were sent
-    (one decimal; all 0.0 when no byte moved). `counts`: (bytes sent, received) per path."""
-    sent = [c[0] for c in counts]
-    counts = sent if any(sent) else [c[1] for c in counts]
-    total = sum(counts)
-    return [round(100.0 * n / total, 1) if total else 0.0 for n in counts]
-
-
 def _paths(stat) -> list[dict[str, Any]]:
-    # id 0 is no subflow but the bytes of closed ones the samples missed: no addresses
-    return [{"id": p.id, "local": _name(p.local) if p.id else None,
-             "remote": _name(p.remote) if p.id else None,
-             "bytes_sent": p.bytes_sent, "bytes_received": p.bytes_received,
-             "bytes_retrans": p.bytes_retrans, "rtt_us": p.rtt_us, "closed": bool(p.closed),
-             "share": share}
-            for p, share in zip(stat.paths, shares(
-                [(p.bytes_sent, p.bytes_received) for p in stat.paths]), strict=True)]
+    return [{**path_fields(p), "share": share}
+            for p, (_, share) in zip(stat.paths, path_shares(stat.paths), strict=True)]
 
 
 def relaying(stat, listener: str | None, conn: Conn | None, mptcp_leg: bool
@@ -98,22 +86,25 @@ def connecting(conn_id: int, listener: str, client: tuple | None, via: tuple | N
 
 
 def locals_of(stats: Iterable) -> list[dict[str, Any]]:
-    """The paths of these ConnStats summed per local address, sorted by address; the bytes
-    of closed subflows the samples missed (PathStat id 0) last, as address null."""
-    out: dict[str | None, dict[str, Any]] = {}
+    """The paths of these ConnStats summed per local address, sorted by address, with each
+    address's share as the end line counts a path's; the bytes of closed subflows the
+    samples missed (PathStat id 0) last, as address null."""
+    sums: dict[str | None, list[int]] = {}
     for stat in stats:
         for p in stat.paths:
-            host = _host(p.local) if p.id else None
-            row = out.setdefault(host, {"address": host, "paths": 0, "bytes_sent": 0,
-                                        "bytes_received": 0, "bytes_retrans": 0})
-            row["paths"] += 1
-            for key in ("bytes_sent", "bytes_received", "bytes_retrans"):
-                row[key] += getattr(p, key)
-    rows = [out[k] for k in sorted(out, key=lambda k: (k is None, k or ""))]
-    both = [(row["bytes_sent"], row["bytes_received"]) for row in rows]
-    for row, share in zip(rows, shares(both), strict=True):
-        row["share"] = share
-    return rows
+            row = sums.setdefault(_host(p.local) if p.id else None, [0] * 5)
+            for i, n in enumerate((1, p.bytes_sent, p.bytes_received, p.bytes_retrans,
+                                   p.bytes_acked)):
+                row[i] += n
+    hosts = sorted(sums, key=lambda k: (k is None, k or ""))
+    # each address as one path: the shares follow the same rule as the end line's
+    totals = [PathStat(1 if host else 0, (host or "", 0), ("", 0), sums[host][1],
+                       sums[host][2], sums[host][3], 0, False, sums[host][4])
+              for host in hosts]
+    return [{"address": host, "paths": sums[host][0], "bytes_sent": t.bytes_sent,
+             "bytes_received": t.bytes_received, "bytes_retrans": t.bytes_retrans,
+             "bytes_acked": t.bytes_acked, "share": share}
+            for host, t, (_, share) in zip(hosts, totals, path_shares(totals), strict=True)]
 
 
 def document(proxy) -> dict[str, Any]:

@@ -93,8 +93,9 @@ function pathItem(p, colours) {
   const sw = el("span", "swatch");
   sw.style.backgroundColor = colourOf(colours, p.local);
   li.append(sw, el("span", "route", route(p)),
-            el("span", "share", Number(p.share).toFixed(1) + " %"),
+            el("span", "share", Math.round(Number(p.share)) + " %"),
             el("span", "", "sent " + bytes(p.bytes_sent)),
+            el("span", "", "acked " + bytes(p.bytes_acked)),
             el("span", "", "received " + bytes(p.bytes_received)),
             el("span", "", "retransmitted " + bytes(p.bytes_retrans)),
             el("span", "", "rtt " + (Number(p.rtt_us) / 1000).toFixed(1) + " ms"));
@@ -121,7 +122,7 @@ function connection(c, colours) {
     const seg = el("span", "seg");
     seg.style.width = Math.max(0, Math.min(100, Number(p.share) || 0)) + "%";
     seg.style.backgroundColor = colourOf(colours, p.local);
-    seg.title = route(p) + ": " + Number(p.share).toFixed(1) + " %";
+    seg.title = route(p) + ": " + Math.round(Number(p.share)) + " %";
     bar.append(seg);
   }
   box.append(bar);
@@ -155,7 +156,7 @@ function localsTable(locals, colours) {
     bar.append(seg);
     barCell.append(bar);
     tr.append(first, el("td", "address", l.address ?? "closed subflows"),
-              el("td", "n", l.paths), el("td", "n", Number(l.share).toFixed(1) + " %"),
+              el("td", "n", l.paths), el("td", "n", Math.round(Number(l.share)) + " %"),
               barCell,
               el("td", "n", bytes(l.bytes_sent)), el("td", "n", bytes(l.bytes_received)),
               el("td", "n", bytes(l.bytes_retrans)));

@@ -32,8 +32,9 @@ HOSTILE = '<img src=x onerror="document.title=\'owned\'">'
 
 def path(ident: int, local: str, remote: str, sent: int, received: int = 0,
          retrans: int = 0, rtt_us: int = 20000, closed: bool = False) -> PathStat:
+    # acknowledged: what was sent less what was sent again
     return PathStat(ident, (local, 40000 + ident), (remote, 4444), sent, received, retrans,
-                    rtt_us, closed)
+                    rtt_us, closed, sent - retrans)
 
 
 def stat(conn_id: int, paths: tuple = (), tag: int = 0, client: tuple | None = None,
@@ -77,37 +78,39 @@ def test_document_lists_the_pairs_with_their_paths_and_the_local_totals() -> Non
     assert (c3["bytes_client_to_upstream"], c3["bytes_upstream_to_client"]) == (1_000_000, 1500)
     assert c3["paths"] == [
         {"id": 1, "local": "10.0.1.1:40001", "remote": "10.0.1.2:4444", "bytes_sent": 600_000,
-         "bytes_received": 1000, "bytes_retrans": 3000, "rtt_us": 20000, "closed": False,
-         "share": 60.0},
+         "bytes_received": 1000, "bytes_retrans": 3000, "bytes_acked": 597_000,
+         "rtt_us": 20000, "closed": False, "share": 60},
         {"id": 2, "local": "10.0.2.1:40002", "remote": "10.0.2.2:4444", "bytes_sent": 400_000,
-         "bytes_received": 500, "bytes_retrans": 0, "rtt_us": 20000, "closed": True,
-         "share": 40.0}]
+         "bytes_received": 500, "bytes_retrans": 0, "bytes_acked": 400_000,
+         "rtt_us": 20000, "closed": True, "share": 40}]
     assert c3["mptcp_bytes_sent"] == 1_000_000
     assert c9 == {**c9, "state": "connecting", "client": "192.0.2.7:999",
                   "via": "127.0.0.1:5000", "upstream": "example.net:80", "age_s": None}
     assert doc["locals"] == [
         {"address": "10.0.1.1", "paths": 1, "bytes_sent": 600_000, "bytes_received": 1000,
-         "bytes_retrans": 3000, "share": 60.0},
+         "bytes_retrans": 3000, "bytes_acked": 597_000, "share": 60},
         {"address": "10.0.2.1", "paths": 1, "bytes_sent": 400_000, "bytes_received": 500,
-         "bytes_retrans": 0, "share": 40.0}]
+         "bytes_retrans": 0, "bytes_acked": 400_000, "share": 40}]
 
 
 def test_bytes_of_closed_subflows_have_no_addresses() -> None:
-    missed = PathStat(0, ("", 0), ("", 0), 5000, 0, 0, 0, True)
+    missed = PathStat(0, ("", 0), ("", 0), 50_000, 0, 0, 0, True, 50_000)
     doc = live.document(fake_proxy([stat(4, (*TWO_PATHS, missed))]))
     assert doc["connections"][0]["paths"][2] == {
-        "id": 0, "local": None, "remote": None, "bytes_sent": 5000, "bytes_received": 0,
-        "bytes_retrans": 0, "rtt_us": 0, "closed": True, "share": 0.5}
+        "id": 0, "local": None, "remote": None, "bytes_sent": 50_000, "bytes_received": 0,
+        "bytes_retrans": 0, "bytes_acked": 50_000, "rtt_us": 0, "closed": True, "share": 5}
     assert [x["address"] for x in doc["locals"]] == ["10.0.1.1", "10.0.2.1", None]
     lines = table(doc).splitlines()
-    assert lines[4].split()[:4] == ["closed", "subflows", "0.5%", "sent"]
-    assert lines[-1].split()[:5] == ["closed", "subflows", "1", "0.5%", "5.0"]
+    assert lines[4].split()[:4] == ["closed", "subflows", "5%", "sent"]
+    assert lines[-1].split()[:5] == ["closed", "subflows", "1", "5%", "50.0"]
 
 
 def test_shares_follow_the_received_bytes_when_none_were_sent() -> None:
-    assert live.shares([(0, 300), (0, 100)]) == [75.0, 25.0]
-    assert live.shares([(0, 0)]) == [0.0]
-    assert live.shares([]) == []
+    doc = live.document(fake_proxy([stat(5, (
+        path(1, "10.0.1.1", "10.0.1.2", 0, 300), path(2, "10.0.2.1", "10.0.2.2", 0, 100)))]))
+    assert [p["share"] for p in doc["connections"][0]["paths"]] == [75, 25]
+    assert [x["share"] for x in doc["locals"]] == [75, 25]
+    assert live.document(fake_proxy([stat(5, ())]))["locals"] == []
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -138,14 +141,14 @@ def test_table_shows_each_connection_its_paths_and_the_locals() -> None:
     assert lines[1].split() == ["3", "5555", "relaying", "1.5s", "127.0.0.1:5001",
                                 "10.0.1.2:4444", "1.0", "MB", "1.5", "kB", "yes,", "1",
                                 "subflow"]
-    assert lines[2].split() == ["10.0.1.1:40001", ">", "10.0.1.2:4444", "60.0%", "sent",
-                                "600.0", "kB", "received", "1.0", "kB", "retrans", "3.0", "kB",
-                                "rtt", "20.0ms"]
-    assert lines[3].split()[:4] == ["10.0.2.1:40002", ">", "10.0.2.2:4444", "40.0%"]
+    assert lines[2].split() == ["10.0.1.1:40001", ">", "10.0.1.2:4444",
+                                "60%", "sent", "600.0", "kB", "acked", "597.0", "kB",
+                                "received", "1.0", "kB", "retrans", "3.0", "kB", "rtt", "20.0ms"]
+    assert lines[3].split()[:4] == ["10.0.2.1:40002", ">", "10.0.2.2:4444", "40%"]
     assert lines[3].split()[-1] == "closed"
     assert lines[5].split() == ["Local", "address", "Paths", "Share", "Sent", "Received",
                                 "Retransmitted"]
-    assert lines[6].split() == ["10.0.1.1", "1", "60.0%", "600.0", "kB", "1.0", "kB", "3.0",
+    assert lines[6].split() == ["10.0.1.1", "1", "60%", "600.0", "kB", "1.0", "kB", "3.0",
                                 "kB"]
     assert table({"connections": [], "locals": []}) == "no open connections\n"
 
