@@ -220,6 +220,47 @@ def test_a_real_proxy_lists_its_open_connection() -> None:
     assert proc.returncode == 0, err
 
 
+def test_a_real_proxy_lists_a_client_still_connecting_upstream() -> None:
+    """A client whose upstream connection the control plane is still making (the upstream's
+    accept queue is full: its SYNs go unanswered) is listed as connecting."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # one connection fills the queue; SYNs after it are dropped
+        taken = socket.create_connection(full.getsockname(), timeout=TIMEOUT)
+        up_port, port, mport = full.getsockname()[1], free_port(), free_port()
+        # a name, not an address: the control plane connects (the relay's fast path is for
+        # a fixed address)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mptcpproxy", "-m", "server", "-p", str(port), "-b",
+             "127.0.0.1", "-r", f"localhost:{up_port}", "--metrics",
+             f"127.0.0.1:{mport}", "--drain-timeout", "1"],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: _cli("--connections", f"127.0.0.1:{mport}").returncode == 0,
+                     "the proxy's metrics server")
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as c:
+                c.settimeout(TIMEOUT)
+                c.connect(("127.0.0.1", port))
+                client = f"127.0.0.1:{c.getsockname()[1]}"
+
+                def listed() -> list | None:
+                    doc = json.loads(_cli("--connections", f"127.0.0.1:{mport}", "--json").stdout)
+                    return doc["connections"] or None
+
+                (conn,) = wait_for(listed, "the connecting client in /connections")
+                text = _cli("--connections", f"127.0.0.1:{mport}").stdout
+        finally:
+            proc.terminate()
+            out, err = proc.communicate(timeout=TIMEOUT)
+            taken.close()
+    assert proc.returncode == 0, err
+    assert conn == {**conn, "state": "connecting", "client": client, "listener": str(port),
+                    "upstream": f"localhost:{up_port}", "age_s": None,
+                    "paths": []}
+    assert text.splitlines()[1].split()[2:4] == ["connecting", "-"]
+
+
 def test_connections_option_when_nothing_answers() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, not listening: refused
