@@ -1,5 +1,5 @@
 """The live view: what `GET /connections` answers, built on the control plane from what the
-relay workers last published (Relay.connections(), at most about a second old) and the
+relay workers last published (Relay.connections(), about a second old) and the
 control plane's own records. Nothing here calls into a pair or waits for a worker.
 
 The document (JSON)::
@@ -13,14 +13,15 @@ The document (JSON)::
      "locals": [{"address", "paths", "bytes_sent", "bytes_received", "bytes_retrans",
                  "bytes_acked", "share"}]}
 
-`state` is "relaying", or "connecting" for a client whose upstream connection the control
-plane is still making (then age_s and the byte counts are null). `mptcp` is true, false (the
-MPTCP leg fell back to TCP) or null (no MPTCP leg: --disable-mptcp), as in the JSON log
-line. A path's fields are those of the JSON log line (connlog.path_fields); `share` is the
-percentage of the connection's bytes that path carried, as the end line counts it
-(connlog.path_shares): of those the proxy sent on the MPTCP leg (acknowledged), or of those
-it received when it sent none. `locals` sums the paths of the open connections per local
-address, with each address's share of them all.
+`state` is "relaying", or "connecting" for a client whose upstream connection is still being
+made (then mptcp and the byte counts are null, and age_s too when the control plane makes
+it).
+`mptcp` is true, false (the MPTCP leg fell back to TCP) or null (no MPTCP leg:
+--disable-mptcp), as in the JSON log line. A path's fields are those of the JSON log line
+(connlog.path_fields); `share` is the percentage of the connection's bytes that path
+carried, as the end line counts it (connlog.path_shares): of those the proxy sent on the
+MPTCP leg (acknowledged), or of those it received when it sent none. `locals` sums the
+paths of the open connections per local address, with each address's share of them all.
 A path with id 0 is no subflow: it holds the bytes of closed subflows the samples missed
 (local and remote null, address null in `locals`).
 """
@@ -58,6 +59,12 @@ def relaying(stat, listener: str | None, conn: Conn | None, mptcp_leg: bool
     client, via, upstream = stat.client, None, stat.upstream
     if conn is not None:  # the control plane knows better: a PROXY header's client
         client, via, upstream = conn.client, conn.via, conn.upstream or upstream
+    # A pair the relay accepted itself and is still connecting upstream: the engine says so
+    # only once ConnStat has `connecting` (it has not yet: see the issue 13 report).
+    if getattr(stat, "connecting", False):
+        row = connecting(stat.conn_id, listener, client, via, _name(upstream))
+        row["age_s"] = round(stat.age, 3)
+        return row
     return {
         "id": stat.conn_id, "listener": listener, "state": RELAYING,
         "client": _name(client), "via": _name(via), "upstream": _name(upstream),
@@ -72,14 +79,14 @@ def relaying(stat, listener: str | None, conn: Conn | None, mptcp_leg: bool
     }
 
 
-def connecting(conn_id: int, listener: str, client: tuple | None, via: tuple | None,
-               upstream: str, mptcp_leg: bool) -> dict[str, Any]:
+def connecting(conn_id: int, listener: str | None, client: tuple | None, via: tuple | None,
+               upstream: str | None) -> dict[str, Any]:
     """A client whose upstream connection is still being made (`upstream`: the target)."""
     return {
         "id": conn_id, "listener": listener, "state": CONNECTING,
         "client": _name(client), "via": _name(via), "upstream": upstream, "age_s": None,
         "bytes_client_to_upstream": None, "bytes_upstream_to_client": None,
-        "mptcp": None if not mptcp_leg else False, "subflows": 0,
+        "mptcp": None, "subflows": 0,  # not known before the connection is made
         "mptcp_bytes_sent": 0, "mptcp_bytes_received": 0, "mptcp_bytes_retrans": 0,
         "paths": [],
     }
@@ -124,7 +131,6 @@ def document(proxy) -> dict[str, Any]:
             origin = attempt.origin
             rows.append(connecting(
                 attempt.conn_id, lst.title, origin.client if origin else attempt.addr,
-                origin.via if origin else None, str(attempt.target),
-                not lst.config.disable_mptcp))
+                origin.via if origin else None, str(attempt.target)))
     rows.sort(key=lambda row: row["id"])
     return {"connections": rows, "locals": locals_of(stats)}

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -91,6 +92,17 @@ def test_document_lists_the_pairs_with_their_paths_and_the_local_totals() -> Non
          "bytes_retrans": 3000, "bytes_acked": 597_000, "share": 60},
         {"address": "10.0.2.1", "paths": 1, "bytes_sent": 400_000, "bytes_received": 500,
          "bytes_retrans": 0, "bytes_acked": 400_000, "share": 40}]
+
+
+def test_a_pair_the_relay_is_still_connecting_is_listed_as_connecting() -> None:
+    # ConnStat has no `connecting` field yet: a ConnStat with one, as the engine would give
+    with_flag = namedtuple("ConnStat", (*ConnStat._fields, "connecting"))
+    pending = with_flag(*stat(6, (), client=("127.0.0.1", 7000), is_mptcp=False, age=0.5),
+                        True)
+    (row,) = live.document(fake_proxy([pending]))["connections"]
+    assert row == {**row, "id": 6, "state": "connecting", "client": "127.0.0.1:7000",
+                   "upstream": "10.0.1.2:4444", "age_s": 0.5, "mptcp": None,
+                   "bytes_client_to_upstream": None}
 
 
 def test_bytes_of_closed_subflows_have_no_addresses() -> None:
