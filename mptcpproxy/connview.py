@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from mptcpproxy.config import HostPort
 
-TIMEOUT = 5.0  # seconds for the whole request
+TIMEOUT = 5.0  # seconds for connecting, and for each read
 MAX_BODY = 64 << 20  # bytes: a proxy with very many connections, not an endless stream
 
 _CONN_HEAD = ("Conn", "Listener", "State", "Age", "Client", "Upstream", "Client>Up",
@@ -156,8 +156,17 @@ def run(target: HostPort, as_json: bool = False, out: TextIO | None = None,
     out, err = out or sys.stdout, err or sys.stderr
     try:
         doc = fetch(target)
+        text = json.dumps(doc, indent=2) + "\n" if as_json else _table_of(target, doc)
     except ViewError as exc:
         print(f"{prog}: error: {exc}", file=err)
         return 1
-    out.write(json.dumps(doc, indent=2) + "\n" if as_json else table(doc))
+    out.write(text)
     return 0
+
+
+def _table_of(target: HostPort, doc: dict[str, Any]) -> str:
+    try:
+        return table(doc)
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong kind
+        raise ViewError(f"http://{target}/connections answered a document this version "
+                        f"cannot show ({exc}); --json prints it as it is") from None

@@ -315,6 +315,20 @@ def test_connections_option_on_a_port_that_speaks_no_http() -> None:
                    f"in HTTP: is 127.0.0.1:{port} an mptcp-proxy --metrics address?\n")
 
 
+def test_connections_option_on_a_document_it_cannot_show() -> None:
+    strange = {"connections": [{"id": 1, "age_s": "soon", "paths": 3}]}
+
+    async def body(port: int) -> object:
+        return [await in_thread(_cli, "--connections", f"127.0.0.1:{port}", *extra)
+                for extra in ((), ("--json",))]
+
+    shown, raw = with_server("asyncio", Metrics(), body, connections=lambda: strange)
+    assert shown.returncode == 1 and shown.stdout == ""
+    assert shown.stderr.startswith("mptcp-proxy: error: ") and "--json prints it" in shown.stderr
+    assert len(shown.stderr.splitlines()) == 1
+    assert raw.returncode == 0 and json.loads(raw.stdout) == strange
+
+
 def test_json_alone_is_a_usage_error() -> None:
     proc = _cli("--json")
     assert proc.returncode == 2
