@@ -30,6 +30,18 @@ def conn_lines(proxy) -> list[str]:
     return [line for line in proxy.stderr.splitlines() if re.search(r"conn \d+ \w+[:( ]", line)]
 
 
+def path_split(lines: list[str]) -> list[tuple[str, int]]:
+    """The paths of the connection that moved the most, from its `paths=` (path, percent)."""
+    best, split = -1, []
+    for line in lines:
+        m = re.search(r"sent (\d+) B received (\d+) B .* paths=(.*)$", line)
+        if m and int(m[1]) + int(m[2]) > best:
+            best = int(m[1]) + int(m[2])
+            split = [(p.rsplit(" ", 1)[0], int(p.rsplit(" ", 1)[1].rstrip("%")))
+                     for p in m[3].split(",")]
+    return split
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces)", file=sys.stderr)
@@ -71,6 +83,8 @@ def main() -> int:
         print(f"{'':32}{'Mbit/s':>10}")
         print(f"{'one path, plain TCP':32}{single:10.1f}")
         print(f"{'proxy pair, MPTCP, two paths':32}{multi:10.1f}   ({multi / single:.2f}x)")
+        for path, share in path_split(conn_lines(client)):
+            print(f"  {path:30}{multi * share / 100:10.1f}   ({share}% of the bytes)")
         print("\nMPTCP events in the client host (iperf3 opens 2 connections):")
         print("  " + "  ".join(f"{name} {counts[name]}" for name in EVENTS))
         if counts["CLOSED"] < 2:

@@ -61,8 +61,11 @@ def families(text: str | bytes) -> dict[str, str]:
 
 def busy_metrics() -> Metrics:
     """Two listeners, traffic on one of them: as the control plane records it."""
+    rtt = [0, 0, 3, 1] + [0] * 9 + [0.011]
     m = Metrics(active=lambda: {"5555": 4, "6666": 0},
-                worker_stats=lambda: [WorkerStats(2, 10, 1000), WorkerStats(0, 3, 7)])
+                worker_stats=lambda: [WorkerStats(2, 10, 1000), WorkerStats(0, 3, 7)],
+                path_totals=lambda: ({"127.0.0.1": [600, 20, 5, *rtt],
+                                      "192.0.2.77": [400, 10, 0, *rtt]}, 64))
     edge = m.listener("5555")
     m.listener("6666")
     for _ in range(7):
