@@ -117,6 +117,12 @@ function connection(c, colours) {
               el("span", "", "\\u2193 " + bytes(c.bytes_upstream_to_client)),
               el("span", "mptcp", mptcp(c)));
   box.append(head);
+  if (!c.paths.length) {
+    if (c.state !== "connecting")
+      box.append(el("div", "note", c.mptcp ? "no per-path data (path sampling off, or a "
+                                            + "kernel before 6.5)" : "one path"));
+    return box;
+  }
   const bar = el("div", "bar");
   for (const p of c.paths) {
     const seg = el("span", "seg");
@@ -125,15 +131,9 @@ function connection(c, colours) {
     seg.title = route(p) + ": " + Math.round(Number(p.share)) + " %";
     bar.append(seg);
   }
-  box.append(bar);
-  if (c.paths.length) {
-    const ul = el("ul", "paths");
-    for (const p of c.paths) ul.append(pathItem(p, colours));
-    box.append(ul);
-  } else if (c.state !== "connecting") {
-    box.append(el("div", "note", c.mptcp ? "no per-path data (path sampling off, or a "
-                                          + "kernel before 6.5)" : "one path"));
-  }
+  const ul = el("ul", "paths");
+  for (const p of c.paths) ul.append(pathItem(p, colours));
+  box.append(bar, ul);
   return box;
 }
 
