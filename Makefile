@@ -10,6 +10,9 @@ SERVICE_PACKAGES := haproxy nginx
 APT_PACKAGES := iperf3 iproute2 iputils-ping nftables iptables procps psmisc kmod systemd \
 	softether-vpnserver softether-vpnclient softether-vpncmd man-db groff-base patchelf \
 	gcc libc6-dev python3-dev python3-venv $(SERVICE_PACKAGES)
+# the status page's browser tests: Debian's chromium, unless a Chrome is there already (a
+# GitHub runner has google-chrome; Ubuntu's chromium package is only a snap wrapper)
+BROWSER_PACKAGE := chromium
 BENCH_APT_PACKAGES := haproxy socat mptcpize
 # the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
@@ -31,6 +34,8 @@ deps:
 	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
+	command -v chromium >/dev/null || command -v google-chrome >/dev/null \
+		|| missing="$$missing $(BROWSER_PACKAGE)"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		policy=/usr/sbin/policy-rc.d; ours=""; \

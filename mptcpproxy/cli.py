@@ -55,8 +55,12 @@ examples:
   mptcp-proxy -m client -p 5555 -t tproxy --setup-firewall --intercept 80,443
       on a gateway: intercept the LAN's TCP connections to ports 80 and 443 and carry
       each one over MPTCP to its original destination (see docs/transparent.md)
+  mptcp-proxy --connections 127.0.0.1:9541
+      the open connections of the proxy running with --metrics 127.0.0.1:9541, and the
+      share of each path (MPTCP subflow); the same as a page at http://127.0.0.1:9541/
 
-exit codes: 0 clean stop (SIGINT/SIGTERM), 1 start-up failure, 2 usage error.
+exit codes: 0 clean stop (SIGINT/SIGTERM), 1 start-up failure (--connections: no
+answer), 2 usage error.
 """
 
 
@@ -133,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         usage=f"{PROG} -m {{client,server}} -p PORT (-r HOST:PORT | -t [MODE]) [options]\n"
               f"       {PROG} --config FILE [--check-config] [-v | -q]\n"
-              f"       {PROG} --check [-m {{client,server}}] [-b ADDR]",
+              f"       {PROG} --check [-m {{client,server}}] [-b ADDR]\n"
+              f"       {PROG} --connections HOST:PORT [--json]",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -257,8 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics", type=_typed(parse_hostport), metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541); "
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541), "
+             "the open connections at /connections and a status page showing them at /; "
              "no authentication: bind it to a loopback or management address",
+    )
+    parser.add_argument(
+        "--connections", type=_typed(parse_hostport), metavar="HOST:PORT",
+        help="print the open connections of the proxy whose --metrics address is HOST:PORT "
+             "and exit: one line per connection (client, upstream, age, bytes each way, "
+             "MPTCP) and one per path (subflow) with its share of the bytes, then the totals "
+             "per local address; exit 1 when it does not answer. The same at "
+             "http://HOST:PORT/connections (JSON) and as a page at http://HOST:PORT/",
+    )
+    parser.add_argument(
+        "--json", action="store_true",
+        help="with --connections: print the JSON document instead of the table",
     )
     parser.add_argument(
         "--log-file", metavar="PATH",
@@ -371,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGHUP (systemctl reload, logrotate) is never fatal: ignored until the log set-up or
     # the control plane's loop gives it a meaning, so no moment of the start-up dies of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if args.connections:
+        from mptcpproxy.connview import run as show_connections
+
+        return show_connections(args.connections, args.json, prog=PROG)
+    if args.json:
+        parser.error("--json only applies to --connections HOST:PORT")
     if args.check:
         from mptcpproxy.check import run_check
 

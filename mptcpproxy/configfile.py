@@ -38,6 +38,7 @@ GLOBAL_KEYS = frozenset({
 # Options that are commands or belong to the command line alone.
 NOT_IN_FILE = frozenset({
     "help", "version", "check", "check_config", "config", "print_firewall", "connections",
+    "json",
 })
 MAX_LISTENERS = 128  # what the relay serves at once (Relay.listen)
 # Keys that only a [[listener]] table has.

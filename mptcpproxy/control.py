@@ -11,7 +11,7 @@ import signal
 import socket
 from collections.abc import Sequence
 
-from mptcpproxy import check, logsetup, sdlisten, sockets
+from mptcpproxy import check, live, logsetup, sdlisten, sockets
 from mptcpproxy.config import Config
 from mptcpproxy.connlog import Conn, reason
 from mptcpproxy.joinwatch import JoinWatch, tick_interval
@@ -114,7 +114,8 @@ class Proxy(Results):
         if cfg.metrics is not None:
             try:
                 self.metrics_server = await start_metrics_server(
-                    self.metrics, cfg.metrics.host, cfg.metrics.port, ready=lambda: self.ready)
+                    self.metrics, cfg.metrics.host, cfg.metrics.port, ready=lambda: self.ready,
+                    connections=lambda: live.document(self))
             except OSError as exc:
                 raise StartupError(self._metrics_error(exc)) from None
         loop = asyncio.get_running_loop()

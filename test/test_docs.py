@@ -81,7 +81,7 @@ def test_synopsis_has_one_usage_per_line(page: Path) -> None:
     from mptcpproxy.cli import build_parser
 
     usages = build_parser().format_usage().removeprefix("usage: ").splitlines()
-    assert len(usages) == 3, usages
+    assert len(usages) == 4, usages
     shown = [line.strip() for line in _section(_rendered(page), "SYNOPSIS").splitlines()
              if line.strip()]
     assert shown == [" ".join(u.split()) for u in usages]

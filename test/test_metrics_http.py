@@ -23,10 +23,11 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 def with_server(loop_name: str, metrics: Metrics,
                 body: Callable[[int], Awaitable[object]],
-                ready: Callable[[], bool] | None = None) -> object:
-    """Run `body(port)` in a loop of that kind while the metrics endpoint listens."""
+                ready: Callable[[], bool] | None = None, **server_kw: object) -> object:
+    """Run `body(port)` in a loop of that kind while the metrics endpoint listens
+    (`server_kw`: more arguments of start_metrics_server)."""
     async def main() -> object:
-        server = await start_metrics_server(metrics, "127.0.0.1", 0, ready=ready)
+        server = await start_metrics_server(metrics, "127.0.0.1", 0, ready=ready, **server_kw)
         try:
             port = server.sockets[0].getsockname()[1]
             return await asyncio.wait_for(body(port), TIMEOUT)

@@ -219,6 +219,9 @@ def test_wheel_has_the_extension_and_no_sources(dists: tuple[Path, Path]) -> Non
         info = f"mptcpproxy-{_version()}.dist-info"
         metadata = zf.read(f"{info}/METADATA").decode()
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
+        # the status page of --metrics (GET /) is a module, not a data file to forget
+        status_page = zf.read("mptcpproxy/statuspage.py").decode()
+    assert "<!DOCTYPE html>" in status_page and "fetch(\"/connections\"" in status_page
     assert any(re.fullmatch(r"mptcpproxy/relay/_relay\.cpython-.*\.so", n) for n in names), names
     sources = [n for n in names if n.endswith((".c", ".pyx", ".pxi"))]
     assert not sources, f"{wheel.name} carries sources: {sources}"
