@@ -230,7 +230,11 @@ class Listener(Accepting):
         accepting; once the workers let go, sweep() takes the clients still queued on it
         (unless systemd keeps them for the next process) and close() follows, so that none
         of them is reset."""
-        self.stop_accepting(cancel=False)
+        if self.draining:  # a reload added its port back: it resets no more clients
+            self.draining = False
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+        else:
+            self.stop_accepting(cancel=False)
         self.handing_over = True
         self.sweep_on_close = sweep
 

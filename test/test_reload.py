@@ -211,3 +211,49 @@ def test_sighup_without_config_reopens_or_is_ignored(tmp_path):
         echo.close()
     assert proc.returncode == 0
     assert b"no configuration file (--config) to reload; ignored" in err
+
+
+def test_a_port_added_back_while_its_old_listener_drains_resets_nothing(tmp_path):
+    # Removed, then added back by the next reload while a connection of the old listener is
+    # still open: the draining socket shares the port (SO_REUSEPORT) and reset the new
+    # clients the kernel gave it (15 of 40 before the fix).
+    held_echo, echo = echo_server(), echo_server()  # serial echoes: one for the held one
+    port = free_port()
+    config = tmp_path / "proxy.toml"
+
+    def listeners(upstream: socket.socket) -> list[dict]:
+        return [{"mode": "client", "port": port, "disable_mptcp": True,
+                 "remote": f"127.0.0.1:{upstream.getsockname()[1]}"}]
+
+    write_config(config, listeners(held_echo))
+    proxy = Proxy(tmp_path, config)
+    held = None
+    try:
+        proxy.wait_log("1 listener(s)")
+        held = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        held.sendall(b"held")
+        assert held.recv(10) == b"held"
+        other = free_port()  # the file must name a listener: another port meanwhile
+        write_config(config, [{**listeners(echo)[0], "port": other}])
+        proxy.hup()
+        proxy.wait_log("1 added, 1 removed")
+        write_config(config, listeners(echo))
+        proxy.hup()
+        proxy.wait_log("1 added, 1 removed", count=2)
+        answers = []
+        for _ in range(40):
+            try:
+                answers.append(roundtrip(port))
+            except (ConnectionRefusedError, ConnectionResetError) as exc:
+                answers.append(type(exc).__name__.encode())
+        assert answers == [b"ping"] * 40, "new clients of the added listener were reset"
+        held.sendall(b"again")
+        assert held.recv(10) == b"again", "the old listener's open connection was touched"
+    finally:
+        if held is not None:
+            held.close()
+        rc = proxy.stop()
+        echo.close()
+        held_echo.close()
+    assert rc == 0, proxy.text()
+    assert "Traceback" not in proxy.text()
