@@ -259,6 +259,11 @@ class Listener(Accepting):
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._reset_new)
 
     def _reset_new(self) -> None:
+        if sockets.other_listeners(self.listener):
+            # a successor started beside it since (SO_REUSEPORT): it serves the port now;
+            # this one takes what is queued on it and closes (Results._close_retired)
+            self.hand_over()
+            return
         for _ in range(64):
             try:
                 conn, _ = self.listener.accept()

@@ -1,0 +1,92 @@
+"""A restart outside systemd in the other order: the old process is told to stop (and
+drains a long connection) before the new one starts beside it (SO_REUSEPORT). The draining
+listener must hand the port over to the newcomer, not reset the clients the kernel still
+gives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from test_operations import REPO, free_port, wait_for
+from test_reload import roundtrip
+
+TIMEOUT = 30.0
+
+
+def threaded_echo() -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(128)
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def start(tmp_path: Path, name: str, port: int, upstream: int) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mptcpproxy", "-m", "client", "-p", str(port), "-r",
+         f"127.0.0.1:{upstream}", "--disable-mptcp"],
+        stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    wait_for(lambda: "1 listener(s)" in log.read_text(), f"{name} listening")
+    return proc, log
+
+
+def test_a_draining_listener_hands_over_to_a_successor_started_after_the_stop(tmp_path):
+    echo = threaded_echo()
+    upstream, port = echo.getsockname()[1], free_port()
+    old, old_log = start(tmp_path, "old", port, upstream)
+    new = held = None
+    try:
+        held = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        held.sendall(b"held")
+        assert held.recv(10) == b"held"
+        old.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining 1 open connection" in old_log.read_text(), "the drain")
+        new, new_log = start(tmp_path, "new", port, upstream)
+        answers = []
+        for _ in range(40):
+            try:
+                answers.append(roundtrip(port))
+            except (ConnectionRefusedError, ConnectionResetError) as exc:
+                answers.append(type(exc).__name__.encode())
+        assert answers == [b"ping"] * 40, "clients were reset by the draining process"
+        held.sendall(b"again")
+        assert held.recv(10) == b"again", "the draining connection was touched"
+        held.close()
+        held = None
+        assert old.wait(TIMEOUT) == 0, old_log.read_text()
+    finally:
+        if held is not None:
+            held.close()
+        for proc in (old, new):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(TIMEOUT)
+        echo.close()
+    assert new.returncode == 0, new_log.read_text()
+    assert "Traceback" not in old_log.read_text() + new_log.read_text()
