@@ -10,39 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from test_operations import REPO, free_port, wait_for
-from test_reload import roundtrip
+from test_operations import REPO, echo_server, free_port, wait_for
+from test_reload import roundtrips
 
 TIMEOUT = 30.0
-
-
-def threaded_echo() -> socket.socket:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(128)
-
-    def one(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(TIMEOUT)
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv
 
 
 def start(tmp_path: Path, name: str, port: int, upstream: int) -> tuple[subprocess.Popen, Path]:
@@ -57,7 +30,7 @@ def start(tmp_path: Path, name: str, port: int, upstream: int) -> tuple[subproce
 
 
 def test_a_draining_listener_hands_over_to_a_successor_started_after_the_stop(tmp_path):
-    echo = threaded_echo()
+    echo = echo_server(threaded=True)
     upstream, port = echo.getsockname()[1], free_port()
     old, old_log = start(tmp_path, "old", port, upstream)
     new = held = None
@@ -68,13 +41,7 @@ def test_a_draining_listener_hands_over_to_a_successor_started_after_the_stop(tm
         old.send_signal(signal.SIGTERM)
         wait_for(lambda: "draining 1 open connection" in old_log.read_text(), "the drain")
         new, new_log = start(tmp_path, "new", port, upstream)
-        answers = []
-        for _ in range(40):
-            try:
-                answers.append(roundtrip(port))
-            except (ConnectionRefusedError, ConnectionResetError) as exc:
-                answers.append(type(exc).__name__.encode())
-        assert answers == [b"ping"] * 40, "clients were reset by the draining process"
+        assert roundtrips(port, 40) == [b"ping"] * 40, "clients were reset by the draining process"
         held.sendall(b"again")
         assert held.recv(10) == b"again", "the draining connection was touched"
         held.close()
