@@ -307,6 +307,13 @@ class Listener(Accepting):
         if self.firewall is not None:
             self.firewall.setup_firewall()  # raises firewall.FirewallError
 
+    def stop_diverting(self) -> None:
+        """It stops serving: new connections flow as if the proxy were not there. The rules
+        of --source client alone divert none, and carry the service's replies to its open
+        connections: those go when the socket closes, after its last connection."""
+        if self.config.transparent:
+            self.restore_firewall()
+
     def restore_firewall(self) -> None:
         if self.firewall is not None:
             # new connections then flow as if the proxy were not there

@@ -95,7 +95,7 @@ def _failed(proxy, why: str) -> bool:
 
 def _retire(proxy, lst: Listener) -> None:
     del proxy.listeners[lst.config.port]
-    lst.restore_firewall()
+    lst.stop_diverting()
     lst.drain()
     proxy.retired.append(lst)
     if lst.open_count:
