@@ -308,11 +308,11 @@ class Listener(Accepting):
             self.firewall.setup_firewall()  # raises firewall.FirewallError
 
     def stop_diverting(self) -> None:
-        """It stops serving: new connections flow as if the proxy were not there. The rules
-        of --source client alone divert none, and carry the service's replies to its open
-        connections: those go when the socket closes, after its last connection."""
-        if self.config.transparent:
-            self.restore_firewall()
+        """It stops serving: new connections flow as if the proxy were not there; the rules
+        its open connections need (TPROXY, --source client) go when the socket closes,
+        after its last connection."""
+        if self.firewall is not None:
+            self.firewall.stop_diverting()
 
     def restore_firewall(self) -> None:
         if self.firewall is not None:
