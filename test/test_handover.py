@@ -57,3 +57,38 @@ def test_a_draining_listener_hands_over_to_a_successor_started_after_the_stop(tm
         echo.close()
     assert new.returncode == 0, new_log.read_text()
     assert "Traceback" not in old_log.read_text() + new_log.read_text()
+
+
+def test_a_listener_on_another_address_of_the_port_is_no_successor(tmp_path):
+    # Another program listens on the same port but another address: it takes none of
+    # this listener's connections, so the drain must keep the socket open (for the MPTCP
+    # joins of draining connections; new clients are reset) instead of closing it at once
+    # as if handing over (new clients were refused).
+    echo = echo_server(threaded=True)
+    port = free_port()
+    other = socket.socket()
+    other.bind(("127.0.0.2", port))
+    other.listen()
+    log = tmp_path / "proxy.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mptcpproxy", "-m", "client", "-b", "127.0.0.1", "-p",
+         str(port), "-r", f"127.0.0.1:{echo.getsockname()[1]}", "--disable-mptcp"],
+        stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    held = None
+    try:
+        wait_for(lambda: "1 listener(s)" in log.read_text(), "the proxy")
+        held = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        held.sendall(b"held")
+        assert held.recv(10) == b"held"
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining 1 open connection" in log.read_text(), "the drain")
+        assert roundtrips(port, 1) == [b"ConnectionResetError"], log.read_text()
+        assert "handed over" not in log.read_text()
+    finally:
+        if held is not None:
+            held.close()
+        proc.wait(TIMEOUT)
+        other.close()
+        echo.close()
+    assert proc.returncode == 0, log.read_text()
