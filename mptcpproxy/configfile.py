@@ -59,7 +59,8 @@ class _Lines:
     gives no positions, so the text is scanned: a key is a bare or quoted name at the start
     of a line followed by `=`, outside multi-line strings and arrays."""
 
-    KEY = re.compile(r'^\s*("(?:[^"\\]|\\.)*"|\'[^\']*\'|[A-Za-z0-9_-]+)\s*=')
+    NAME = r'"(?:[^"\\]|\\.)*"|\'[^\']*\'|[A-Za-z0-9_-]+'
+    KEY = re.compile(rf'^\s*({NAME})(?:\s*\.\s*(?:{NAME}))*\s*=')  # a.b = 1: the key a
 
     def __init__(self, text: str) -> None:
         self.keys: dict[tuple[str, int, str], int] = {}
@@ -78,6 +79,10 @@ class _Lines:
                 counts[name] = index + 1
                 table = name
                 self.tables[(table, index)] = number
+                # the header is also a key of its parent table: [global] the top-level key
+                # "global", [listener.tls] the key "tls" of the [[listener]] above it
+                parent, _, last = name.rpartition(".")
+                self.keys.setdefault((parent, max(counts.get(parent, 1) - 1, 0), last), number)
                 continue
             match = self.KEY.match(line) if depth == 0 else None
             if match:
@@ -203,6 +208,9 @@ def load(path: str) -> Loaded:
             if key == "name":
                 if not isinstance(value, str) or not value:
                     raise fail("listener", index, key, "must be a non-empty string")
+                if not value.isprintable():  # it goes into log lines
+                    raise fail("listener", index, key, "must be printable text: no line "
+                               "breaks or other control characters")
                 name = value
                 continue
             if key in GLOBAL_KEYS:

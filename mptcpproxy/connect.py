@@ -38,8 +38,23 @@ async def resolve(loop: asyncio.AbstractEventLoop, target: HostPort) -> list[tup
 
 
 def literal(target: HostPort) -> tuple[int, tuple]:
-    family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-    return family, (target.host, target.port)
+    """`(family, sockaddr)` of an IP address target. A scope (fe80::1%eth0) becomes the
+    interface's index in the sockaddr, as the relay's own connect() needs it; OSError
+    when no interface has that name."""
+    if ":" not in target.host:
+        return socket.AF_INET, (target.host, target.port)
+    host, _, scope = target.host.partition("%")
+    return socket.AF_INET6, (host, target.port, 0, scope_id(scope) if scope else 0)
+
+
+def scope_id(scope: str) -> int:
+    """The interface index of an IPv6 scope: a number, or an interface's name."""
+    if scope.isdigit():
+        return int(scope)
+    try:
+        return socket.if_nametoindex(scope)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface is named '{scope}'") from None
 
 
 class Attempt:

@@ -240,7 +240,7 @@ class Proxy(Results):
             await self.stopping.wait()
         finally:
             for lst in self.all_listeners:
-                lst.restore_firewall()  # before the drain: new connections bypass the proxy
+                lst.stop_diverting()  # before the drain: new connections bypass the proxy
 
     async def _grace(self) -> None:
         # --stop-grace: /ready already says 503; go on accepting while a load balancer's

@@ -147,16 +147,38 @@ class Method:
         # The service's replies to a client's address, sent back to this host, belong to
         # the proxy's transparent upstream socket: marked here, then routed to it locally
         # by the policy routing (a SYN-ACK to a foreign address is dropped otherwise).
-        return [*self.chains(), (
-            "source_client", "type filter hook prerouting priority mangle; policy accept;",
-            [f"meta l4proto tcp socket transparent 1 meta mark set 0x{self.spec.tproxy_mark:x} "
-             "accept"])]
+        return [*self.chains(), self._socket_chain("source_client")]
 
-    def nft_rules(self) -> str:
+    def _socket_chain(self, name: str) -> tuple[str, str, list[str]]:
+        # packets of the proxy's own transparent sockets: marked, then delivered locally
+        return (name, "type filter hook prerouting priority mangle; policy accept;",
+                [f"meta l4proto tcp socket transparent 1 meta mark set "
+                 f"0x{self.spec.tproxy_mark:x} accept"])
+
+    def keeps_open_connections(self) -> bool:  # --source client's replies need rules
+        return self.spec.source_client
+
+    def stop_diverting(self) -> None:
+        """New connections flow as if the proxy were not there; what the open ones need
+        stays until restore_firewall() (the listener's close, after its last one)."""
+        if not self.installed or not self.keeps_open_connections():
+            self.restore_firewall()
+            return
+        try:
+            self.runner(Step(("nft", "-f", "-"),
+                             self.nft_rules([self._socket_chain("open_connections")])))
+        except FirewallError as exc:
+            log.warning("firewall: %s", exc)
+            self.restore_firewall()
+            return
+        log.info("firewall: table inet %s no longer diverts new connections; it keeps the "
+                 "open ones' until they end", self.spec.table)
+
+    def nft_rules(self, chains: list[tuple[str, str, list[str]]] | None = None) -> str:
         """The rule file for `nft -f -`: replaces our table, leftovers included."""
         table = f"inet {self.spec.table}"
         lines = [f"table {table}", f"delete table {table}", f"table {table} {{"]
-        for name, header, rules in self.all_chains():
+        for name, header, rules in self.all_chains() if chains is None else chains:
             lines += [f"\tchain {name} {{", f"\t\t{header}"]
             lines += [f"\t\t{rule}" for rule in rules]
             lines.append("\t}")
@@ -334,6 +356,9 @@ class Tproxy(Method):
 
     def routing(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
         return local_routing(self.spec)
+
+    def keeps_open_connections(self) -> bool:  # the tproxy rule delivers their packets
+        return True
 
 
 class SourceClient(Method):

@@ -77,7 +77,14 @@ class Listener(Accepting):
         cfg = self.config
         if cfg.transparent or cfg.mark or cfg.source:
             self._prepare_transparent()
-        if cfg.remote is not None and not cfg.remote.is_literal:
+        if cfg.remote is not None and cfg.remote.is_literal:
+            try:
+                literal(cfg.remote)  # a scope names an interface: it must exist
+            except OSError as exc:
+                raise ListenerError(f"cannot connect to {cfg.remote}: {exc.strerror}: "
+                                    "give the interface after % as `ip link` shows it"
+                                    ) from None
+        elif cfg.remote is not None:
             try:
                 await resolve(asyncio.get_running_loop(), cfg.remote)
             except OSError as exc:
@@ -136,8 +143,16 @@ class Listener(Accepting):
             return f"no permission to listen on {where}: run as root or use a port above 1023"
         if exc.errno == errno.EADDRNOTAVAIL:
             return f"cannot listen on {cfg.bind}: no interface has that address"
-        if exc.errno in (errno.ENOPROTOOPT, errno.EPROTONOSUPPORT, errno.EINVAL):
-            return sockets.mptcp_refusal(exc.errno)
+        if isinstance(exc, socket.gaierror):  # fe80::1%eth9: the scope's interface
+            return (f"cannot listen on {cfg.bind}: no interface of that name "
+                    f"({exc.strerror}): give the interface after % as `ip link` shows it")
+        if exc.errno in (errno.ENOPROTOOPT, errno.EPROTONOSUPPORT, errno.EINVAL) and (
+                cfg.listen_mptcp and (why := sockets.mptcp_unavailable())):
+            return why
+        if exc.errno == errno.EINVAL and cfg.bind:  # the socket was fine: the address is not
+            return (f"cannot listen on {cfg.bind}: the kernel refuses that address (a "
+                    "link-local one needs its interface, as fe80::1%eth0; an IPv4 one is "
+                    "written without ::ffff:)")
         return f"cannot listen on {where}: {os.strerror(exc.errno or 0)}"
 
     def start(self) -> None:
@@ -230,7 +245,11 @@ class Listener(Accepting):
         accepting; once the workers let go, sweep() takes the clients still queued on it
         (unless systemd keeps them for the next process) and close() follows, so that none
         of them is reset."""
-        self.stop_accepting(cancel=False)
+        if self.draining:  # a reload added its port back: it resets no more clients
+            self.draining = False
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+        else:
+            self.stop_accepting(cancel=False)
         self.handing_over = True
         self.sweep_on_close = sweep
 
@@ -255,6 +274,11 @@ class Listener(Accepting):
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._reset_new)
 
     def _reset_new(self) -> None:
+        if sockets.other_listeners(self.listener):
+            # a successor started beside it since (SO_REUSEPORT): it serves the port now;
+            # this one takes what is queued on it and closes (Results._close_retired)
+            self.hand_over()
+            return
         for _ in range(64):
             try:
                 conn, _ = self.listener.accept()
@@ -282,6 +306,13 @@ class Listener(Accepting):
     def setup_firewall(self) -> None:
         if self.firewall is not None:
             self.firewall.setup_firewall()  # raises firewall.FirewallError
+
+    def stop_diverting(self) -> None:
+        """It stops serving: new connections flow as if the proxy were not there; the rules
+        its open connections need (TPROXY, --source client) go when the socket closes,
+        after its last connection."""
+        if self.firewall is not None:
+            self.firewall.stop_diverting()
 
     def restore_firewall(self) -> None:
         if self.firewall is not None:

@@ -70,6 +70,11 @@ async def reload(proxy) -> bool:
     for lst in started:
         proxy.listeners[lst.config.port] = lst
         lst.start()
+    for lst in proxy.retired:
+        if lst.draining and lst.config.port in new:
+            # its port is back: the new socket shares it (SO_REUSEPORT), so this one must
+            # not reset the clients the kernel gives it: they are swept, then it closes
+            lst.hand_over()
     for c in changed:
         proxy.listeners[c.port].update(c)
     _apply_settings(proxy, loaded.listeners[0], loaded.settings)
@@ -90,7 +95,7 @@ def _failed(proxy, why: str) -> bool:
 
 def _retire(proxy, lst: Listener) -> None:
     del proxy.listeners[lst.config.port]
-    lst.restore_firewall()
+    lst.stop_diverting()
     lst.drain()
     proxy.retired.append(lst)
     if lst.open_count:

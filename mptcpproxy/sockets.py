@@ -104,24 +104,25 @@ def _listen(
 
 
 def other_listeners(sock: socket.socket) -> int:
-    """How many listening sockets of this network namespace share `sock`'s port, itself not
-    counted: a successor started beside it (SO_REUSEPORT) shows here. MPTCP listeners are
-    listed too (their TCP subflow carries the socket's inode)."""
+    """How many listening sockets of this network namespace would take `sock`'s clients
+    once it closes, itself not counted: a successor started beside it (SO_REUSEPORT) shows
+    here. One on the same port but another address does not (unless it is a wildcard).
+    MPTCP listeners are listed too (their TCP subflow carries the socket's inode)."""
     port = f":{sock.getsockname()[1]:04X}"
-    own = os.fstat(sock.fileno()).st_ino
-    count = 0
+    own = str(os.fstat(sock.fileno()).st_ino)
+    rows = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
-                rows = f.read().splitlines()[1:]
+                rows += [row.split() for row in f.read().splitlines()[1:]]
         except OSError:
             continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) > 9 and cols[1].endswith(port) and cols[3] == "0A" and (
-                    cols[9] not in ("0", str(own))):
-                count += 1
-    return count
+    listening = [(cols[1].rpartition(":")[0], cols[9]) for cols in rows
+                 if len(cols) > 9 and cols[1].endswith(port) and cols[3] == "0A"
+                 and cols[9] != "0"]
+    mine = {addr for addr, inode in listening if inode == own}
+    return sum(1 for addr, inode in listening if inode != own and (
+        addr in mine or not addr.strip("0") or not mine))
 
 
 def set_transparent(sock: socket.socket) -> None:

@@ -94,6 +94,17 @@ def test_a_gateway_with_three_ports(tmp_path):
     ("[[listener]]\nmode = 'client'\nport = 1\nremote = 'a:1'\nsetup_firewall = true\n",
      "--setup-firewall only applies to transparent mode"),
     ("port = = 1\n", "mptcp-proxy.toml: Invalid"),
+    # tables and dotted keys that are not settings name their own line
+    ("[listener]\nmode = 'client'\nport = 1\nremote = 'a:1'\n",
+     ":1: listener: write each listener as a [[listener]] table"),
+    ("workers = 2\n\n[global]\nverbose = true\n", ":3: global: unknown key"),
+    ("[[listener]]\nmode = 'client'\nport = 1\nremote = 'a:1'\nfoo.bar = 1\n",
+     ":5: foo: unknown key"),
+    ("[[listener]]\nmode = 'client'\nport = 1\nremote = 'a:1'\n[[listener]]\nport = 2\n"
+     "[listener.tls]\nx = 1\n", ":7: tls: unknown key"),
+    # a name goes into log lines and --check-config's output: no line breaks in it
+    ("[[listener]]\nmode = 'client'\nport = 1\nremote = 'a:1'\nname = \"vpn\\nconn 9 closed\"\n",
+     ":5: name: must be printable text"),
 ])
 def test_mistakes_are_one_line_naming_file_line_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

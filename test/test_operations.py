@@ -25,11 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def echo_server() -> socket.socket:
+def echo_server(threaded: bool = False) -> socket.socket:
+    """An echo service on 127.0.0.1; one connection at a time unless `threaded`."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     srv.settimeout(TIMEOUT)
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                if not threaded:
+                    raise
 
     def serve() -> None:
         while True:
@@ -37,10 +48,10 @@ def echo_server() -> socket.socket:
                 conn, _ = srv.accept()
             except OSError:
                 return
-            with conn:
-                conn.settimeout(TIMEOUT)
-                while data := conn.recv(65536):
-                    conn.sendall(data)
+            if threaded:
+                threading.Thread(target=echo, args=(conn,), daemon=True).start()
+            else:
+                echo(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     return srv

@@ -106,6 +106,17 @@ def roundtrip(port: int, payload: bytes = b"ping") -> bytes:
     return operations_roundtrip(port, payload, proto=0)
 
 
+def roundtrips(port: int, count: int) -> list[bytes]:
+    """`count` roundtrips one after the other: each answer, or the name of the error."""
+    answers = []
+    for _ in range(count):
+        try:
+            answers.append(roundtrip(port))
+        except (ConnectionRefusedError, ConnectionResetError) as exc:
+            answers.append(type(exc).__name__.encode())
+    return answers
+
+
 def refused_or_reset(port: int) -> bool:
     try:
         return roundtrip(port) == b""
@@ -211,3 +222,38 @@ def test_sighup_without_config_reopens_or_is_ignored(tmp_path):
         echo.close()
     assert proc.returncode == 0
     assert b"no configuration file (--config) to reload; ignored" in err
+
+
+def test_a_port_added_back_while_its_old_listener_drains_resets_nothing(tmp_path):
+    # Removed, then added back by the next reload while a connection of the old listener is
+    # still open: the draining socket shares the port (SO_REUSEPORT) and reset the new
+    # clients the kernel gave it (15 of 40 before the fix).
+    echo = echo_server(threaded=True)
+    port, other = free_port(), free_port()
+    config = tmp_path / "proxy.toml"
+    listener = {"mode": "client", "port": port, "disable_mptcp": True,
+                "remote": f"127.0.0.1:{echo.getsockname()[1]}"}
+    write_config(config, [listener])
+    proxy = Proxy(tmp_path, config)
+    held = None
+    try:
+        proxy.wait_log("1 listener(s)")
+        held = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        held.sendall(b"held")
+        assert held.recv(10) == b"held"
+        write_config(config, [{**listener, "port": other}])  # the file needs a listener
+        proxy.hup()
+        proxy.wait_log("1 added, 1 removed")
+        write_config(config, [listener])
+        proxy.hup()
+        proxy.wait_log("1 added, 1 removed", count=2)
+        assert roundtrips(port, 40) == [b"ping"] * 40, "new clients were reset"
+        held.sendall(b"again")
+        assert held.recv(10) == b"again", "the old listener's open connection was touched"
+    finally:
+        if held is not None:
+            held.close()
+        rc = proxy.stop()
+        echo.close()
+    assert rc == 0, proxy.text()
+    assert "Traceback" not in proxy.text()
