@@ -59,9 +59,8 @@ def relaying(stat, listener: str | None, conn: Conn | None, mptcp_leg: bool
     client, via, upstream = stat.client, None, stat.upstream
     if conn is not None:  # the control plane knows better: a PROXY header's client
         client, via, upstream = conn.client, conn.via, conn.upstream or upstream
-    # A pair the relay accepted itself and is still connecting upstream: the engine says so
-    # only once ConnStat has `connecting` (it has not yet: see the issue 13 report).
-    if getattr(stat, "connecting", False):
+    # a pair the relay accepted itself and is still connecting upstream
+    if stat.connecting:
         row = connecting(stat.conn_id, listener, client, via, _name(upstream))
         row["age_s"] = round(stat.age, 3)
         return row

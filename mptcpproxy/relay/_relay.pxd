@@ -90,6 +90,7 @@ cdef struct ConnPub:
     uint64_t mptcp_sent
     uint64_t mptcp_received
     uint64_t mptcp_retrans
+    int connecting  # Pair.connecting
 
 
 cdef struct ListenCfg:

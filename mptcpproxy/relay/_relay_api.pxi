@@ -109,7 +109,7 @@ cdef class _Worker:
                     cp.conn_id, cp.tag, py_addr(&cp.client), py_addr(&cp.upstream),
                     max(now - cp.start_ns, 0) / 1e9, cp.bytes_ab, cp.bytes_ba,
                     bool(cp.is_mptcp), cp.subflows, py_paths(&b.paths[cp.first_path], cp.npaths),
-                    cp.mptcp_sent, cp.mptcp_received, cp.mptcp_retrans,
+                    cp.mptcp_sent, cp.mptcp_received, cp.mptcp_retrans, bool(cp.connecting),
                 ))
         finally:
             free(b.conns)

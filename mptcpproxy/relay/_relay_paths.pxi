@@ -284,6 +284,7 @@ cdef void publish(WorkerState *w) noexcept nogil:
         cp.bytes_ba = p.half[1].nbytes
         cp.is_mptcp = p.is_mptcp
         cp.subflows = p.subflows
+        cp.connecting = p.connecting
         if p.client_family:
             cp.client.family = p.client_family
             cp.client.port = p.client_port

@@ -277,7 +277,7 @@ class _Worker(Pump, Accept):
                 pair.conn_id, pair.tag, pair.client or pair.peer_a, pair.upstream,
                 0.0, pair.nbytes[0], pair.nbytes[1], pair.is_mptcp,
                 pair.subflows, paths.stats() if paths else (),
-                *(paths.totals[:3] if paths else (0, 0, 0)),
+                *(paths.totals[:3] if paths else (0, 0, 0)), pair.connecting,
             )))
         with self.pub_lock:
             self.published = out

@@ -61,6 +61,7 @@ class ConnStat(NamedTuple):
     mptcp_bytes_sent: int  # connection-level mptcpi_bytes_sent (0 if not MPTCP)
     mptcp_bytes_received: int
     mptcp_bytes_retrans: int
+    connecting: bool = False  # accepted by the relay itself, its upstream connect() under way
 
 
 class Result(NamedTuple):
