@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics", type=_typed(parse_hostport), metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541), "
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9541; "
+             "every address only when written out: [::]:9541), "
              "the open connections at /connections and a status page showing them at /; "
              "no authentication: bind it to a loopback or management address",
     )
