@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true",
         help="say whether MPTCP can open extra subflows here (MPTCP enabled, path manager, "
              "limits, endpoints, with the commands that fix them) and exit: 0 when it can, "
-             "1 when not; with -m only for that side; with -b, for a server listening there",
+             "1 when not; with -m only for that side; with -b, for a server listening there; "
+             "with --source client, also what that needs (1 without CAP_NET_ADMIN)",
     )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument(

@@ -205,7 +205,7 @@ def test_missing_rules_found_per_ip_version():
 def test_check_notes_say_what_is_missing(monkeypatch):
     monkeypatch.setattr(firewall, "has_cap_net_admin", lambda: False)
     notes = srcaddr.check_notes(4444, run=fake({("nft", "list", "ruleset"): ""}))
-    texts = [text for text, _ in notes]
+    texts = [text for text, *_ in notes]
     assert "CAP_NET_ADMIN" in texts[0]
     assert "no rule here delivers the service's replies" in texts[1]
     assert notes[1][1][0] == ("mptcp-proxy -m server -p 4444 -r HOST:PORT --source client "
