@@ -151,6 +151,19 @@ def _convert(action: argparse.Action, value: object) -> object:
     return result
 
 
+def _syntax_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib's "Invalid value (at line 1, column 8)" as `path:1: Invalid value (column 8)`,
+    the form of the other mistakes."""
+    what = str(exc)
+    at = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", what, re.DOTALL)
+    if at:
+        return f"{path}:{at[2]}: {at[1]} (column {at[3]})"
+    end = re.fullmatch(r"(.*) \(at end of document\)", what, re.DOTALL)
+    if end:
+        return f"{path}:{max(len(text.splitlines()), 1)}: {end[1]} (at the end of the file)"
+    return f"{path}: {what}"
+
+
 def load(path: str) -> Loaded:
     """Read and check `path`; raise ConfigError with `path:line: key: what is wrong`."""
     from mptcpproxy import cli  # the parser: names, converters, ranges
@@ -161,12 +174,12 @@ def load(path: str) -> Loaded:
     except OSError as exc:
         raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # skips a byte order mark, which TOML does not allow
         data = tomllib.loads(text)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(_syntax_error(path, text, exc)) from None
     lines = _Lines(text)
     parser = cli.build_parser()
     options = _options(parser)
