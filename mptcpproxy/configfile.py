@@ -233,6 +233,11 @@ def load(path: str) -> Loaded:
             if key in NOT_IN_FILE:
                 raise fail("listener", index, key, "is a command-line option, not a setting")
             values[key] = take("listener", index, key, value)
+        if values.get("proxy_timeout") is not None and not values.get("accept_proxy"):
+            if "proxy_timeout" in table:
+                raise fail("listener", index, "proxy_timeout",
+                           "only applies with accept_proxy = true")
+            values["proxy_timeout"] = None  # a default, for the listeners that take headers
         for required in ("mode", "port"):
             if values.get(required) is None:
                 raise ConfigError(f"{path}:{lines.tables.get(('listener', index), 0)}: "
@@ -257,6 +262,9 @@ def load(path: str) -> Loaded:
                        f"{headers[config.title] + 1}")
         headers[config.title] = index
         configs.append(config)
+    if "proxy_timeout" in listener_defaults and not any(c.accept_proxy for c in configs):
+        raise fail("", 0, "proxy_timeout",
+                   "only applies with accept_proxy = true, which no listener has")
     header_lines = {i: lines.tables.get(("listener", i), 0) for i in range(len(tables))}
     return Loaded(argparse.Namespace(**settings), tuple(configs), header_lines)
 

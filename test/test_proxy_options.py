@@ -58,8 +58,10 @@ def test_the_options_and_their_defaults():
     ([*SERVER, "--setup-firewall"], ["--setup-firewall", "-t", "--source client"]),
     ([*SERVER, "--source", "client", "--intercept", "80"], ["--intercept", "-t"]),
     ([*SERVER, "--source", "client", "--mark", M], [M, "another mark"]),
+    ([*SERVER, "--proxy-timeout", "5"], ["--proxy-timeout", "--accept-proxy"]),
 ], ids=["source-in-client-mode", "source-server", "send-v3", "timeout-0",
-        "setup-without-source", "intercept-with-source", "mark-clash"])
+        "setup-without-source", "intercept-with-source", "mark-clash",
+        "timeout-without-accept"])
 def test_usage_errors(args, words):
     res = proxy(*args)
     assert res.returncode == 2, res.stderr
