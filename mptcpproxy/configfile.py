@@ -118,7 +118,7 @@ def _kind(value: object) -> str:
 
 
 _STRINGS = ("hostport", "bind", "port_ranges")  # converters of text options
-_WHOLE = ("port", "parse")  # converters of whole numbers (cli._whole's is "parse")
+_WHOLE = ("port", "parse")  # converters of whole numbers (options._whole's is "parse")
 
 
 def _convert(action: argparse.Action, value: object) -> object:
