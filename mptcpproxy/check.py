@@ -3,7 +3,8 @@
 Judges the kernel's state (kernelstate.py: the `net.mptcp.*` sysctls, an MPTCP socket,
 the in-kernel path manager's limits and endpoints) and says in plain words what prevents
 extra subflows and which commands fix it. Exit code 0 when extra subflows are possible,
-1 otherwise. Also runnable as `python -m mptcpproxy.check [-m client|server] [-b ADDR]`.
+1 otherwise (also when --source client, asked about, cannot work here). Also runnable as
+`python -m mptcpproxy.check [-m client|server] [-b ADDR]`.
 `startup_warnings()` gives a server proxy the findings it logs at start.
 """
 
@@ -45,6 +46,7 @@ class Finding:
     text: str
     fixes: tuple[str, ...] = field(default=())
     warn: bool = False  # also a warning at a server proxy's start when not blocking
+    feature: str | None = None  # what it blocks, when not extra subflows: "--source client"
 
 
 def _is_local(endpoint: Endpoint, state: KernelState) -> bool:
@@ -318,10 +320,14 @@ def format_report(state: KernelState, findings: list[Finding], mode: str | None,
             # Several fixes are alternatives; a sequence is one fix joined with &&.
             lines += [f"    {'fix:' if i == 0 else ' or:'} {fix}"
                       for i, fix in enumerate(finding.fixes)]
-    if any(f.blocking for f in findings):
-        lines.append("Result: extra subflows are NOT possible: MPTCP connections use one path.")
-    else:
-        lines.append("Result: extra subflows are possible.")
+    possible = not any(f.blocking and f.feature is None for f in findings)
+    result = ("extra subflows are possible" if possible else
+              "extra subflows are NOT possible: MPTCP connections use one path")
+    features = sorted({f.feature for f in findings if f.blocking and f.feature})
+    if features:
+        result += (", but " if possible else "; and ") + " and ".join(features) + (
+            " cannot work here (see Problems)")
+    lines.append(f"Result: {result}.")
     return "\n".join(lines) + "\n"
 
 
@@ -330,14 +336,16 @@ def run_check(mode: str | None = None, out: TextIO | None = None, ip: str = "ip"
               port: int | None = None) -> int:
     """Print the report for this namespace; 0 when extra subflows are possible, else 1.
     `bind`: judge a server proxy listening on that address only (-b); `source`: "client"
-    adds notes on what --source client needs (for a listener on `port`)."""
+    adds what --source client needs (for a listener on `port`): 1 also when it cannot
+    work here."""
     state = read_state(ip)
     log.debug("MPTCP state: %s", state)
     findings = diagnose(state, mode, bind)
     if source == "client":
         from mptcpproxy import srcaddr
 
-        findings += [Finding(False, text, fixes) for text, fixes in srcaddr.check_notes(port)]
+        findings += [Finding(blocking, text, fixes, feature="--source client")
+                     for text, fixes, blocking in srcaddr.check_notes(port)]
     (out or sys.stdout).write(format_report(state, findings, mode, bind))
     return 1 if any(f.blocking for f in findings) else 0
 

@@ -78,8 +78,11 @@ def parse_hostport(text: str) -> HostPort:
             raise ConfigError(f"'{host}' in '{text}' is not an IPv6 address") from None
     else:
         host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
+        if not sep:
             raise ConfigError(f"'{text}' has no port: write HOST:PORT, for example 10.0.1.2:4444")
+        if not host:  # not "every address": --metrics would be open to all without a word
+            raise ConfigError(f"'{text}' has no host: write HOST:PORT, for example "
+                              f"127.0.0.1:{parse_port(port_text)}")
         if ":" in host:
             raise ConfigError(
                 f"'{text}' looks like an IPv6 address: write it in brackets, as [ADDR]:PORT"

@@ -118,7 +118,7 @@ def _kind(value: object) -> str:
 
 
 _STRINGS = ("hostport", "bind", "port_ranges")  # converters of text options
-_WHOLE = ("port", "parse")  # converters of whole numbers (cli._whole's is "parse")
+_WHOLE = ("port", "parse")  # converters of whole numbers (options._whole's is "parse")
 
 
 def _convert(action: argparse.Action, value: object) -> object:
@@ -151,6 +151,19 @@ def _convert(action: argparse.Action, value: object) -> object:
     return result
 
 
+def _syntax_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib's "Invalid value (at line 1, column 8)" as `path:1: Invalid value (column 8)`,
+    the form of the other mistakes."""
+    what = str(exc)
+    at = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", what, re.DOTALL)
+    if at:
+        return f"{path}:{at[2]}: {at[1]} (column {at[3]})"
+    end = re.fullmatch(r"(.*) \(at end of document\)", what, re.DOTALL)
+    if end:
+        return f"{path}:{max(len(text.splitlines()), 1)}: {end[1]} (at the end of the file)"
+    return f"{path}: {what}"
+
+
 def load(path: str) -> Loaded:
     """Read and check `path`; raise ConfigError with `path:line: key: what is wrong`."""
     from mptcpproxy import cli  # the parser: names, converters, ranges
@@ -161,12 +174,12 @@ def load(path: str) -> Loaded:
     except OSError as exc:
         raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # skips a byte order mark, which TOML does not allow
         data = tomllib.loads(text)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(_syntax_error(path, text, exc)) from None
     lines = _Lines(text)
     parser = cli.build_parser()
     options = _options(parser)
@@ -220,6 +233,11 @@ def load(path: str) -> Loaded:
             if key in NOT_IN_FILE:
                 raise fail("listener", index, key, "is a command-line option, not a setting")
             values[key] = take("listener", index, key, value)
+        if values.get("proxy_timeout") is not None and not values.get("accept_proxy"):
+            if "proxy_timeout" in table:
+                raise fail("listener", index, "proxy_timeout",
+                           "only applies with accept_proxy = true")
+            values["proxy_timeout"] = None  # a default, for the listeners that take headers
         for required in ("mode", "port"):
             if values.get(required) is None:
                 raise ConfigError(f"{path}:{lines.tables.get(('listener', index), 0)}: "
@@ -244,6 +262,9 @@ def load(path: str) -> Loaded:
                        f"{headers[config.title] + 1}")
         headers[config.title] = index
         configs.append(config)
+    if "proxy_timeout" in listener_defaults and not any(c.accept_proxy for c in configs):
+        raise fail("", 0, "proxy_timeout",
+                   "only applies with accept_proxy = true, which no listener has")
     header_lines = {i: lines.tables.get(("listener", i), 0) for i in range(len(tables))}
     return Loaded(argparse.Namespace(**settings), tuple(configs), header_lines)
 

@@ -29,24 +29,27 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import shutil
-import subprocess
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from mptcpproxy.config import Config
+from mptcpproxy.fwcommands import (
+    FirewallError,
+    Runner,
+    Step,
+    _find,
+    commands,
+    has_cap_net_admin,
+    run_step,
+)
+
+# with the names of fwcommands that the methods, srcaddr.py and the tests use (and patch) here
+__all__ = ["METHODS", "TPROXY_BASE", "FirewallError", "FirewallSpec", "Method", "Redirect",
+           "Runner", "SourceClient", "Step", "Tproxy", "commands", "has_cap_net_admin",
+           "local_routing", "method_for", "run_step", "spec_from_config"]
 
 log = logging.getLogger("mptcpproxy")
 
-CAP_NET_ADMIN = 12
 TPROXY_BASE = 0x6D70 << 16  # "mp": the TPROXY fwmark and routing table are BASE | port
-COMMAND_TIMEOUT = 10.0
-_SBIN = ("/usr/sbin", "/sbin")
-
-
-class FirewallError(Exception):
-    """Installing or removing the rules failed; the message is one sentence."""
 
 
 @dataclass(frozen=True)
@@ -72,48 +75,6 @@ class FirewallSpec:
     @property
     def route_table(self) -> int:
         return TPROXY_BASE | self.port
-
-
-class Step(NamedTuple):
-    """One command: argv (never a shell string) and what it reads on stdin."""
-
-    argv: tuple[str, ...]
-    input: str | None = None
-
-
-Runner = Callable[[Step], None]
-
-
-def _find(tool: str) -> str | None:
-    path = os.environ.get("PATH", os.defpath)
-    return shutil.which(tool, path=os.pathsep.join([path, *_SBIN]))
-
-
-def run_step(step: Step) -> None:
-    """Run one step; raise FirewallError naming the command and the tool's message."""
-    exe = _find(step.argv[0]) or step.argv[0]
-    try:
-        res = subprocess.run(
-            [exe, *step.argv[1:]], input=step.input, capture_output=True, text=True,
-            timeout=COMMAND_TIMEOUT, stdin=None if step.input is not None else subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FirewallError(f"'{shlex.join(step.argv)}' could not run: {exc}") from None
-    if res.returncode != 0:
-        lines = (res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}").splitlines()
-        raise FirewallError(f"'{shlex.join(step.argv)}' failed: {lines[0].strip()}")
-
-
-def has_cap_net_admin() -> bool:
-    """Whether this process holds CAP_NET_ADMIN (effective set, /proc/self/status)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
 
 
 def _dport_match(spec: FirewallSpec) -> str:
@@ -411,8 +372,3 @@ def method_for(config: Config, runner: Runner = run_step, **spec_args) -> Method
     if config.source == "client":
         return SourceClient(spec_from_config(config, **spec_args), runner)
     raise ValueError(f"not a transparent-mode configuration: {config.transparent!r}")
-
-
-def commands(steps: Sequence[Step]) -> list[list[str]]:
-    """The argv lists of `steps` (for tests and logs)."""
-    return [list(step.argv) for step in steps]

@@ -71,11 +71,29 @@ def _answer(metrics: Metrics, ready: Callable[[], bool] | None,
                                 b"at /" if connections is not None else b"") + b"\n"), {}
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line, once the whole head has arrived: lines end with CRLF or a bare LF
+    (RFC 9112 2.2 lets a server accept LF, as nginx and HAProxy do: `printf 'GET /ready
+    HTTP/1.0\n\n' | nc` is a common health check). Raises LimitOverrunError past
+    MAX_REQUEST bytes."""
+    first, size = None, 0
+    while True:
+        line = await reader.readuntil(b"\n")  # a line over the reader's limit raises too
+        size += len(line)
+        if size > MAX_REQUEST:
+            raise asyncio.LimitOverrunError("request head too long", size)
+        line = line.rstrip(b"\r\n")
+        if first is None:
+            first = line
+        elif not line:
+            return first
+
+
 async def _serve(metrics: Metrics, ready: Callable[[], bool] | None,
                  connections: Callable[[], Any] | None,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-    words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    request_line = await asyncio.wait_for(_read_head(reader), REQUEST_TIMEOUT)
+    words = request_line.decode("latin-1").split()
     headers = {}
     if len(words) != 3 or not words[2].startswith("HTTP/"):
         status, body = "400 Bad Request", b"bad request\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mptcpproxy.config import ConfigError
+from mptcpproxy.config import Config, ConfigError
 
 
 def add_options(parser: argparse.ArgumentParser, seconds: Callable[[str], float],
@@ -38,7 +38,8 @@ def add_options(parser: argparse.ArgumentParser, seconds: Callable[[str], float]
              "headers reach this listener (-b, firewall)",
     )
     group.add_argument(
-        "--proxy-timeout", type=seconds, default=5.0, metavar="SECONDS",
+        # default None: given or not, so that a timeout without --accept-proxy is refused
+        "--proxy-timeout", type=seconds, default=None, metavar="SECONDS",
         help=f"with --accept-proxy, the time for the whole header ({seconds_range}; "
              "default: 5)",
     )
@@ -55,6 +56,9 @@ def add_options(parser: argparse.ArgumentParser, seconds: Callable[[str], float]
 
 def check(args: argparse.Namespace) -> None:
     """Raise ConfigError (one sentence) when these options do not fit the listener."""
+    if args.proxy_timeout is not None and not args.accept_proxy:
+        raise ConfigError("--proxy-timeout only applies with --accept-proxy: add "
+                          "--accept-proxy, or leave --proxy-timeout out")
     if args.source == "client" and args.mode != "server":
         raise ConfigError("--source client only applies to server mode (-m server): a "
                           "client proxy connects over MPTCP to the server proxy, which can "
@@ -64,4 +68,6 @@ def check(args: argparse.Namespace) -> None:
 def config_fields(args: argparse.Namespace) -> dict[str, object]:
     """The Config fields these options set."""
     return {"send_proxy": args.send_proxy, "accept_proxy": args.accept_proxy,
-            "proxy_timeout": args.proxy_timeout, "source": args.source}
+            "proxy_timeout": (Config.proxy_timeout if args.proxy_timeout is None
+                              else args.proxy_timeout),
+            "source": args.source}

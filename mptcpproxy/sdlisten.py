@@ -66,6 +66,9 @@ def take_passed(environ: dict[str, str] | None = None) -> list[Passed]:
             sock.detach()
             raise ConfigError(f"socket activation: fd {fd} ({name}) is not a listening "
                               "TCP/MPTCP socket: use ListenStream= in the .socket unit")
+        # systemd passes the socket as it was made (blocking unless the unit says
+        # otherwise): the event loop and the relay workers only ever accept non-blocking
+        sock.setblocking(False)
         proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
         passed.append(Passed(sock, name, proto))
     return passed

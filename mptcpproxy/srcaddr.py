@@ -156,22 +156,27 @@ def prepare(config: Config, label: str) -> str | None:
     return None
 
 
-def check_notes(port: int | None, run: Runner = _run) -> list[tuple[str, tuple[str, ...]]]:
-    """What `--check --source client` says: (text, fixes) for each thing missing."""
+def check_notes(port: int | None,
+                run: Runner = _run) -> list[tuple[str, tuple[str, ...], bool]]:
+    """What `--check --source client` says: (text, fixes, blocking) for each thing missing;
+    blocking as at start-up: without CAP_NET_ADMIN the proxy refuses to start, missing
+    rules are a warning (--setup-firewall installs them at start)."""
     from mptcpproxy.firewall import has_cap_net_admin
 
     notes = []
     if not has_cap_net_admin():
         notes.append(("--source client needs CAP_NET_ADMIN (IP_TRANSPARENT), which this "
                       "process lacks", ("run the proxy as root, or give it CAP_NET_ADMIN "
-                                        "(AmbientCapabilities=CAP_NET_ADMIN in its unit)",)))
+                                        "(AmbientCapabilities=CAP_NET_ADMIN in its unit)",),
+                      True))
     missing = missing_rules(run)
     command = f"mptcp-proxy -m server -p {port or 'PORT'} -r HOST:PORT --source client"
     fixes = (f"{command} --setup-firewall",
              f"{command} --print-firewall   (and install the rules it prints)")
     if missing is None:
         notes.append(("--source client: cannot tell whether its rules are in place ('nft "
-                      "list ruleset' failed: nftables missing, or no CAP_NET_ADMIN)", fixes))
+                      "list ruleset' failed: nftables missing, or no CAP_NET_ADMIN)", fixes,
+                      False))
     elif missing:
-        notes.append((f"--source client: {_missing_text(missing)}", fixes))
+        notes.append((f"--source client: {_missing_text(missing)}", fixes, False))
     return notes

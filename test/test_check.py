@@ -400,3 +400,24 @@ class TestInNamespace:
         assert rc == code, out
         assert words in out
         assert out.endswith("extra subflows are possible.\n" if code == 0 else "one path.\n")
+
+
+# -- --check --source client: what connecting from the client's address needs ---------------
+
+def test_source_client_without_cap_net_admin_fails_the_check(monkeypatch) -> None:
+    from mptcpproxy import firewall, srcaddr
+
+    good = state(endpoints=(SECOND,), local_addresses=TWO_ADDRESSES)
+    assert not diagnose(good, "server")
+    monkeypatch.setattr(check, "read_state", lambda *a, **kw: good)
+    monkeypatch.setattr(srcaddr, "missing_rules", lambda *a, **kw: [])
+    monkeypatch.setattr(firewall, "has_cap_net_admin", lambda: False)
+    out = io.StringIO()
+    assert check.run_check("server", out, source="client", port=4444) == 1
+    text = out.getvalue()
+    problems = text.split("Problems:\n", 1)[1]
+    assert problems.startswith("  - --source client needs CAP_NET_ADMIN"), text
+    assert "Result: extra subflows are possible, but --source client cannot work here" in text
+    monkeypatch.setattr(firewall, "has_cap_net_admin", lambda: True)
+    out = io.StringIO()
+    assert check.run_check("server", out, source="client", port=4444) == 0, out.getvalue()

@@ -46,10 +46,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *wo
         (["-m", "client", "-p", "5555", "-r", "h:1", "--busy-poll", "-5"],
          ["--busy-poll", "-5", "at least 0"]),
         (["-m", "client", "-p", "5555", "-r", "h:1", "-v", "-q"], ["-q", "-v"]),
+        # an empty host is not "every address": the metrics have no authentication, so
+        # listening everywhere must be written out ([::]:9541)
+        (["-m", "client", "-p", "5555", "-r", "h:1", "--metrics", ":9541"],
+         ["--metrics", "':9541' has no host", "127.0.0.1:9541"]),
+        (["-m", "client", "-p", "5555", "-r", ":4444"], ["':4444' has no host"]),
     ],
     ids=["no-mode", "bad-mode", "port-0", "port-70000", "port-name", "no-port",
          "v6-no-brackets", "v6-no-port", "workers-0", "buffer-0", "negative-timeout",
-         "busy-poll-negative", "verbose-quiet"],
+         "busy-poll-negative", "verbose-quiet", "metrics-no-host", "remote-no-host"],
 )
 def test_usage_errors_exit_2_with_one_line(args, words):
     assert_one_line_error(proxy(*args), 2, *words)

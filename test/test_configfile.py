@@ -93,7 +93,16 @@ def test_a_gateway_with_three_ports(tmp_path):
      ":1: check: is a command-line option"),
     ("[[listener]]\nmode = 'client'\nport = 1\nremote = 'a:1'\nsetup_firewall = true\n",
      "--setup-firewall only applies to transparent mode"),
-    ("port = = 1\n", "mptcp-proxy.toml: Invalid"),
+    # TOML syntax errors in the same form as the others: file:line: what
+    ("port = = 1\n", "mptcp-proxy.toml:1: Invalid value (column 8)"),
+    ("workers = 2\n\n[[listener]\n", "mptcp-proxy.toml:3: "),
+    ("workers = 2\nlog_file = \"x", "mptcp-proxy.toml:2: Unterminated string (at the end of "
+     "the file)"),
+    # --proxy-timeout without --accept-proxy: in a listener, and as a default for none
+    ("[[listener]]\nmode = 'server'\nport = 1\nremote = 'a:1'\nproxy_timeout = 3\n",
+     ":5: proxy_timeout: only applies with accept_proxy = true"),
+    ("proxy_timeout = 3\n[[listener]]\nmode = 'server'\nport = 1\nremote = 'a:1'\n",
+     ":1: proxy_timeout: only applies with accept_proxy = true, which no listener has"),
     # tables and dotted keys that are not settings name their own line
     ("[listener]\nmode = 'client'\nport = 1\nremote = 'a:1'\n",
      ":1: listener: write each listener as a [[listener]] table"),
@@ -114,6 +123,20 @@ def test_mistakes_are_one_line_naming_file_line_and_key(tmp_path, text, message)
     assert "\n" not in text
     assert text.startswith(path), text
     assert message in text, text
+
+
+def test_a_default_proxy_timeout_holds_for_the_listeners_that_accept_headers(tmp_path):
+    a, b = load(write(tmp_path, "proxy_timeout = 3\n[[listener]]\nmode = 'server'\nport = 1\n"
+                                "remote = 'a:1'\naccept_proxy = true\n[[listener]]\n"
+                                "mode = 'server'\nport = 2\nremote = 'a:1'\n")).listeners
+    assert (a.accept_proxy, a.proxy_timeout, b.accept_proxy) == (True, 3.0, False)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    """Editors on Windows may start a UTF-8 file with a BOM (EF BB BF)."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GATEWAY.encode())
+    assert len(load(str(path)).listeners) == 3
 
 
 def test_a_missing_file_says_so(tmp_path):

@@ -163,3 +163,39 @@ def test_port_in_use_raises_oserror() -> None:
         with pytest.raises(OSError) as info:
             asyncio.run(main())
     assert info.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_lf_only_requests_are_answered(loop_name: str) -> None:
+    """A health checker that ends its lines with LF alone (`printf 'GET /ready
+    HTTP/1.0\\n\\n' | nc`) gets its answer, as nginx and HAProxy give it."""
+    async def ask(port: int, request: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            return await reader.read()
+        finally:
+            writer.close()
+
+    async def body(port: int) -> object:
+        return [await ask(port, request) for request in (
+            b"GET /ready HTTP/1.0\n\n", b"GET /live HTTP/1.1\nHost: x\n\n",
+            b"GET /ready HTTP/1.0\r\nHost: x\n\r\n")]
+
+    ready, live, mixed = with_server(loop_name, Metrics(), body)
+    assert ready.startswith(b"HTTP/1.1 200 OK\r\n") and ready.endswith(b"\r\n\r\nready\n")
+    assert live.startswith(b"HTTP/1.1 200 OK\r\n") and live.endswith(b"\r\n\r\nlive\n")
+    assert mixed.startswith(b"HTTP/1.1 200 OK\r\n") and mixed.endswith(b"ready\n")
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_many_short_header_lines_are_refused_past_the_limit(loop_name: str) -> None:
+    async def body(port: int) -> object:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\n" + b"X: y\n" * 3000 + b"\n")
+            return await reader.read()
+        finally:
+            writer.close()
+
+    assert with_server(loop_name, Metrics(), body) == b""

@@ -58,8 +58,10 @@ def test_the_options_and_their_defaults():
     ([*SERVER, "--setup-firewall"], ["--setup-firewall", "-t", "--source client"]),
     ([*SERVER, "--source", "client", "--intercept", "80"], ["--intercept", "-t"]),
     ([*SERVER, "--source", "client", "--mark", M], [M, "another mark"]),
+    ([*SERVER, "--proxy-timeout", "5"], ["--proxy-timeout", "--accept-proxy"]),
 ], ids=["source-in-client-mode", "source-server", "send-v3", "timeout-0",
-        "setup-without-source", "intercept-with-source", "mark-clash"])
+        "setup-without-source", "intercept-with-source", "mark-clash",
+        "timeout-without-accept"])
 def test_usage_errors(args, words):
     res = proxy(*args)
     assert res.returncode == 2, res.stderr
@@ -205,7 +207,7 @@ def test_missing_rules_found_per_ip_version():
 def test_check_notes_say_what_is_missing(monkeypatch):
     monkeypatch.setattr(firewall, "has_cap_net_admin", lambda: False)
     notes = srcaddr.check_notes(4444, run=fake({("nft", "list", "ruleset"): ""}))
-    texts = [text for text, _ in notes]
+    texts = [text for text, *_ in notes]
     assert "CAP_NET_ADMIN" in texts[0]
     assert "no rule here delivers the service's replies" in texts[1]
     assert notes[1][1][0] == ("mptcp-proxy -m server -p 4444 -r HOST:PORT --source client "

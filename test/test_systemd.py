@@ -10,13 +10,16 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from mptcpproxy.sdnotify import sd_notify
 
-CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+REPO = Path(__file__).resolve().parent.parent
+CONTRIB = REPO / "contrib"
 UNIT = CONTRIB / "mptcp-proxy@.service"
 TCP_SOCKET = CONTRIB / "mptcp-proxy@.socket"
 MPTCP_SOCKET = CONTRIB / "mptcp-proxy-mptcp@.socket"
@@ -221,3 +224,25 @@ def test_systemd_analyze_verify_socket_units(checkable_unit: Path) -> None:
         ignored = f"{units[1]}:{line}: Failed to parse socket protocol, ignoring: mptcp"
         problems = [p for p in problems if p != ignored]
     assert not problems, res.stderr
+
+
+def test_an_inherited_blocking_listener_is_made_non_blocking() -> None:
+    """systemd may pass a listener in blocking mode; an accept() on it must never stall the
+    event loop or a relay worker, whichever loop runs (uvloop happens to change the mode,
+    the asyncio fallback does not)."""
+    script = textwrap.dedent("""
+        import os, socket
+        from mptcpproxy import sdlisten
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        if s.fileno() != 3:
+            os.dup2(s.fileno(), 3)
+        os.set_blocking(3, True)
+        [passed] = sdlisten.take_passed({"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid())})
+        print(os.get_blocking(3), passed.sock.getblocking())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
