@@ -207,3 +207,22 @@ def test_labels_are_the_hosts_own_addresses_at_most_16():
 
 def test_own_addresses_include_loopback():
     assert "127.0.0.1" in own_addresses()
+
+
+def test_an_address_the_host_gains_between_two_scrapes_gets_its_own_label():
+    """A path comes up after the proxy started (a second link, a mobile one): its address
+    carries subflows at the next scrape, however soon, and is labelled as the host's own
+    (before: "other" for good when the scrape came within 10 s of the last read)."""
+    own = {"10.0.0.1"}
+    row = [1, 1, 0] + [0] * 13 + [0.0]
+    rows = {"10.0.0.1": row}
+    collector = PathCollector(lambda: (rows, 0), PathLabels(lambda: set(own)))
+
+    def values() -> set:
+        families = {f.name: f for f in collector.collect()}
+        return {s.labels["local"] for s in families["mptcpproxy_path_bytes"].samples}
+
+    assert values() == {"10.0.0.1"}
+    own.add("10.0.0.2")
+    rows["10.0.0.2"] = row
+    assert values() == {"10.0.0.1", "10.0.0.2"}
