@@ -41,11 +41,13 @@ def _host(addr: tuple) -> str:
 
 
 def path_amounts(paths: tuple[PathStat, ...]) -> list[int]:
-    """The bytes each subflow's share is taken from: those the proxy sent on the MPTCP leg
-    (acknowledged by the peer: bytes its own qdisc dropped and sent again count once), or
-    those it received when it sent none."""
-    sent = sum(p.bytes_sent for p in paths)
-    return [(p.bytes_acked or p.bytes_sent) if sent else p.bytes_received for p in paths]
+    """The bytes each subflow's share is taken from, in the direction that carried more:
+    those the proxy sent on the MPTCP leg (acknowledged by the peer: bytes its own qdisc
+    dropped and sent again count once), or those it received (a download's: its request
+    does not decide the split)."""
+    sent = [p.bytes_acked or p.bytes_sent for p in paths]
+    received = [p.bytes_received for p in paths]
+    return sent if sum(sent) > sum(received) else received
 
 
 def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:

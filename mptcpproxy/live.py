@@ -20,7 +20,7 @@ it).
 --disable-mptcp), as in the JSON log line. A path's fields are those of the JSON log line
 (connlog.path_fields); `share` is the percentage of the connection's bytes that path
 carried, as the end line counts it (connlog.path_shares): of those the proxy sent on the
-MPTCP leg (acknowledged), or of those it received when it sent none. `locals` sums the
+MPTCP leg (acknowledged), or of those it received when it received more. `locals` sums the
 paths of the open connections per local address, with each address's share of them all
 (each connection's paths counted as for its own shares).
 A path with id 0 is no subflow: it holds the bytes of closed subflows the samples missed
@@ -94,7 +94,7 @@ def connecting(conn_id: int, listener: str | None, client: tuple | None, via: tu
 def locals_of(stats: Iterable) -> list[dict[str, Any]]:
     """The paths of these ConnStats summed per local address, sorted by address, with each
     address's share: each connection's paths count as its end line counts them
-    (connlog.path_amounts: what it sent, or received when it sent none), so a server
+    (connlog.path_amounts: what it sent, or received when it received more), so a server
     proxy's few bytes sent on one connection do not decide how its received bytes are
     shared. The bytes of closed subflows the samples missed (PathStat id 0) last, as
     address null."""

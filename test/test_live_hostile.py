@@ -135,7 +135,7 @@ def test_the_totals_per_address_count_each_connection_as_its_end_line_does() -> 
     """A server proxy: one connection sent 2 B on each of two paths (and received a
     little), another received 8 MB on the first address and 2 MB on a third, and sent
     nothing. Each connection's paths count as its own shares do (what it sent, or what it
-    received when it sent none): the first address carried about 80 %, not 50 %."""
+    received when it received more): the first address carried about 80 %, not 50 %."""
     small = stat(1, (path(1, "10.0.1.2", "10.0.1.1", 2, received=100),
                      path(2, "10.0.2.2", "10.0.2.1", 2)))
     big = stat(2, (path(1, "10.0.1.2", "10.0.1.1", 0, received=8_000_000),

@@ -180,6 +180,18 @@ def test_a_receiving_proxy_shares_by_bytes_received(caplog):
         "paths=[2001:db8::2]>[2001:db8::1] 75%,10.0.2.2>10.0.2.1 25%")
 
 
+
+def test_a_download_shares_by_the_bytes_received(caplog):
+    """A client proxy relaying a download (iperf3 -R, HTTP): it sent 37 B of request and
+    received 29 MB over 60/40 paths. The shares are those of the bytes received, the
+    direction that carried the traffic (before: 97 %/3 %, the request's split)."""
+    paths = (PathStat(1, A, B, 37, 17_400_000, 0, 4000, True, 38),
+             PathStat(2, C, D, 0, 11_600_000, 0, 9000, True, 1))
+    with caplog.at_level(logging.INFO, logger="mptcpproxy"):
+        connlog.log_end(_result(paths, sent=37), connlog.Conn(C, B, True))
+    assert caplog.records[0].getMessage().endswith(
+        "paths=10.0.1.1>10.0.1.2 60%,10.0.2.1>10.0.2.2 40%")
+
 def test_no_paths_no_paths_field(caplog):
     with caplog.at_level(logging.INFO, logger="mptcpproxy"):
         connlog.log_end(_result(()), connlog.Conn(C, B, True))
