@@ -40,12 +40,20 @@ def _host(addr: tuple) -> str:
     return f"[{addr[0]}]" if ":" in addr[0] else addr[0]
 
 
+def path_amounts(paths: tuple[PathStat, ...]) -> list[int]:
+    """The bytes each subflow's share is taken from, in the direction that carried more:
+    those the proxy sent on the MPTCP leg (acknowledged by the peer: bytes its own qdisc
+    dropped and sent again count once), or those it received (a download's: its request
+    does not decide the split)."""
+    sent = [p.bytes_acked or p.bytes_sent for p in paths]
+    received = [p.bytes_received for p in paths]
+    return sent if sum(sent) > sum(received) else received
+
+
 def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:
-    """(path, percent) per subflow: the share of the bytes the proxy sent on the MPTCP leg
-    (acknowledged by the peer: bytes its own qdisc dropped and sent again count once), or
-    of those it received when it sent none. The id-0 entry is "closed subflows"."""
-    sent = sum(p.bytes_sent for p in paths)
-    amounts = [(p.bytes_acked or p.bytes_sent) if sent else p.bytes_received for p in paths]
+    """(path, percent) per subflow, of its path_amounts(). The id-0 entry is "closed
+    subflows"."""
+    amounts = path_amounts(paths)
     total = sum(amounts) or 1
     return [(f"{_host(p.local)}>{_host(p.remote)}" if p.id else "closed subflows",
              round(100 * n / total)) for p, n in zip(paths, amounts, strict=True)]

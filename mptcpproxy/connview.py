@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sys
-import urllib.error
-import urllib.request
+import time
 from typing import Any, TextIO
 
 from mptcpproxy.config import HostPort
 
-TIMEOUT = 5.0  # seconds for connecting, and for each read
+TIMEOUT = 5.0  # seconds for the whole answer, connecting included
 MAX_BODY = 64 << 20  # bytes: a proxy with very many connections, not an endless stream
 
 _CONN_HEAD = ("Conn", "Listener", "State", "Age", "Client", "Upstream", "Client>Up",
@@ -28,35 +28,72 @@ class ViewError(Exception):
 
 
 def fetch(target: HostPort, timeout: float = TIMEOUT) -> dict[str, Any]:
-    """The `/connections` document of the proxy at `target`; raises ViewError."""
+    """The `/connections` document of the proxy at `target`, asked directly (never through
+    an HTTP proxy of the environment, no redirect followed) and whole within `timeout`
+    seconds; raises ViewError."""
     url = f"http://{target}/connections"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            body = resp.read(MAX_BODY + 1)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code == 404:
-            raise ViewError(f"{url} answered 404: is {target} the --metrics address of an "
-                            "mptcp-proxy with the live view?") from None
-        raise ViewError(f"{url} answered {exc.code} {exc.reason}") from None
+        status, body = _get(target, "/connections", time.monotonic() + timeout)
+    except TimeoutError:
+        raise ViewError(f"{url} did not answer within {timeout:g} s: is {target} an "
+                        "mptcp-proxy --metrics address?") from None
     except http.client.HTTPException:  # a bad status line, a body cut short
         raise ViewError(f"{url} did not answer in HTTP: is {target} an mptcp-proxy --metrics "
                         "address?") from None
-    except (urllib.error.URLError, OSError) as exc:
-        why = getattr(exc, "reason", exc)
-        why = getattr(why, "strerror", None) or str(why)
-        raise ViewError(f"cannot read {url}: {str(why).lower()} (is an mptcp-proxy running "
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ViewError(f"cannot read {url}: {why.lower()} (is an mptcp-proxy running "
                         f"with --metrics {target}?)") from None
+    if status == 404:
+        raise ViewError(f"{url} answered 404: is {target} the --metrics address of an "
+                        "mptcp-proxy with the live view?")
+    if status != 200:
+        raise ViewError(f"{url} answered {status} {http.client.responses.get(status, '')}"
+                        .rstrip())
     try:
         if len(body) > MAX_BODY:
             raise ValueError("too long")
         doc = json.loads(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("connections"), list):
             raise ValueError("not the connections document")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than it can parse
         raise ViewError(f"{url} did not answer with the open connections (JSON): is {target} "
                         "an mptcp-proxy --metrics address?") from None
     return doc
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every read ends by `deadline` (time.monotonic()): http.client reads
+    the head line by line, and a server trickling it must not keep us for ever."""
+
+    deadline = 0.0
+
+    def recv_into(self, buffer, nbytes=0, flags=0):  # type: ignore[no-untyped-def]
+        self.settimeout(_left(self.deadline))
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _left(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    return remaining
+
+
+def _get(target: HostPort, path: str, deadline: float) -> tuple[int, bytes]:
+    """GET `path` from target: (status, body) by `deadline` (time.monotonic()), else
+    TimeoutError."""
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=_left(deadline))
+    try:
+        conn.connect()
+        sock = _DeadlineSocket(fileno=conn.sock.detach())
+        sock.deadline, conn.sock = deadline, sock
+        sock.settimeout(_left(deadline))
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(MAX_BODY + 1)
+    finally:
+        conn.close()
 
 
 def _safe(value: object) -> str:
@@ -167,6 +204,6 @@ def run(target: HostPort, as_json: bool = False, out: TextIO | None = None,
 def _table_of(target: HostPort, doc: dict[str, Any]) -> str:
     try:
         return table(doc)
-    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong kind
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # a wrong value
         raise ViewError(f"http://{target}/connections answered a document this version "
                         f"cannot show ({exc}); --json prints it as it is") from None

@@ -20,8 +20,9 @@ it).
 --disable-mptcp), as in the JSON log line. A path's fields are those of the JSON log line
 (connlog.path_fields); `share` is the percentage of the connection's bytes that path
 carried, as the end line counts it (connlog.path_shares): of those the proxy sent on the
-MPTCP leg (acknowledged), or of those it received when it sent none. `locals` sums the
-paths of the open connections per local address, with each address's share of them all.
+MPTCP leg (acknowledged), or of those it received when it received more. `locals` sums the
+paths of the open connections per local address, with each address's share of them all
+(each connection's paths counted as for its own shares).
 A path with id 0 is no subflow: it holds the bytes of closed subflows the samples missed
 (local and remote null, address null in `locals`).
 """
@@ -31,8 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mptcpproxy.connlog import Conn, path_fields, path_shares
-from mptcpproxy.relay._results import PathStat
+from mptcpproxy.connlog import Conn, path_amounts, path_fields, path_shares
 from mptcpproxy.sockets import peer_name
 
 RELAYING, CONNECTING = "relaying", "connecting"
@@ -93,24 +93,24 @@ def connecting(conn_id: int, listener: str | None, client: tuple | None, via: tu
 
 def locals_of(stats: Iterable) -> list[dict[str, Any]]:
     """The paths of these ConnStats summed per local address, sorted by address, with each
-    address's share as the end line counts a path's; the bytes of closed subflows the
-    samples missed (PathStat id 0) last, as address null."""
+    address's share: each connection's paths count as its end line counts them
+    (connlog.path_amounts: what it sent, or received when it received more), so a server
+    proxy's few bytes sent on one connection do not decide how its received bytes are
+    shared. The bytes of closed subflows the samples missed (PathStat id 0) last, as
+    address null."""
     sums: dict[str | None, list[int]] = {}
     for stat in stats:
-        for p in stat.paths:
-            row = sums.setdefault(_host(p.local) if p.id else None, [0] * 5)
+        for p, amount in zip(stat.paths, path_amounts(stat.paths), strict=True):
+            row = sums.setdefault(_host(p.local) if p.id else None, [0] * 6)
             for i, n in enumerate((1, p.bytes_sent, p.bytes_received, p.bytes_retrans,
-                                   p.bytes_acked)):
+                                   p.bytes_acked, amount)):
                 row[i] += n
     hosts = sorted(sums, key=lambda k: (k is None, k or ""))
-    # each address as one path: the shares follow the same rule as the end line's
-    totals = [PathStat(1 if host else 0, (host or "", 0), ("", 0), sums[host][1],
-                       sums[host][2], sums[host][3], 0, False, sums[host][4])
-              for host in hosts]
-    return [{"address": host, "paths": sums[host][0], "bytes_sent": t.bytes_sent,
-             "bytes_received": t.bytes_received, "bytes_retrans": t.bytes_retrans,
-             "bytes_acked": t.bytes_acked, "share": share}
-            for host, t, (_, share) in zip(hosts, totals, path_shares(totals), strict=True)]
+    total = sum(sums[host][5] for host in hosts) or 1
+    return [{"address": host, "paths": sums[host][0], "bytes_sent": sums[host][1],
+             "bytes_received": sums[host][2], "bytes_retrans": sums[host][3],
+             "bytes_acked": sums[host][4], "share": round(100 * sums[host][5] / total)}
+            for host in hosts]
 
 
 def document(proxy) -> dict[str, Any]:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -25,7 +24,6 @@ log = logging.getLogger(__name__)
 
 MAX_LABELS = 16  # own addresses given a label of their own; the rest is "other"
 OTHER = "other"
-REFRESH_S = 10.0  # how often the host's addresses are read again (at a scrape)
 RTT_BUCKETS = tuple(b / 1e6 for b in RTT_BOUNDS_US)  # seconds
 
 # path_totals() rows: [sent, received, retrans, RTT counts per bucket (+Inf last), RTT sum]
@@ -68,14 +66,21 @@ class PathLabels:
         self.labels: dict[str | None, str] = {}
         self.used = 0
         self._own: set[str] = set()
-        self._read_at = float("-inf")
+
+    def of(self, addrs: Iterable[str | None]) -> dict[str | None, str]:
+        """The label of each address. The host's addresses are read again (once) when one
+        never labelled before is not among those last read: an address the host gained
+        since is labelled as its own, and the reads stay as few as the addresses (the
+        relay counts at most MAX_ADDRS per worker)."""
+        addrs = list(addrs)
+        if any(a is not None and a not in self.labels and a not in self._own for a in addrs):
+            self._own = self.addresses()
+        return {a: self.label(a) for a in addrs}
 
     def label(self, addr: str | None) -> str:
         found = self.labels.get(addr)
         if found is not None:
             return found
-        if addr is not None and time.monotonic() - self._read_at >= REFRESH_S:
-            self._own, self._read_at = self.addresses(), time.monotonic()
         if addr is not None and addr in self._own and self.used < self.max_labels:
             self.used += 1
             found = addr
@@ -100,8 +105,9 @@ class PathCollector:
             log.exception("cannot read the path counters")
             return
         by_label: dict[str, list] = {}
+        names = self.labels.of(rows)
         for addr, row in rows.items():
-            into = by_label.setdefault(self.labels.label(addr), [0] * len(row))
+            into = by_label.setdefault(names[addr], [0] * len(row))
             for k, v in enumerate(row):
                 into[k] += v
         order = sorted(by_label)

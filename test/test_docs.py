@@ -165,6 +165,27 @@ def test_operating_guide_example_and_its_mistake(tmp_path: Path) -> None:
     assert proc.stderr.strip() == message
 
 
+
+def test_operating_guide_names_every_global_key_and_every_json_field() -> None:
+    """A key the guide does not list as global (path_stats) is taken for a listener's and
+    put in a [[listener]] table, where it is a mistake; a field of the JSON end line the
+    guide does not name is one nobody finds."""
+    from mptcpproxy import configfile, connlog
+    from mptcpproxy.connlog import Conn
+    from mptcpproxy.relay._results import Result
+
+    text = OPERATING.read_text()
+    listed = re.search(r"\*\*Global keys\*\* hold for the whole process: (.*?)\. In a",
+                       text, re.S)[1]
+    assert set(re.findall(r"`(\w+)`", listed)) == configfile.GLOBAL_KEYS
+    logs = text[text.index("## Logs"):text.index("## Signals")]
+    _, fields = connlog.end_line(Result(1, 0, 0, 0.0, "closed", 0, True, 1),
+                                 Conn(("127.0.0.1", 1), ("127.0.0.1", 2), True))
+    named = set(re.findall(r"`(\w+)`", logs)) | {  # `mptcp_bytes_sent/received/retrans`
+        f"mptcp_bytes_{x}" for xs in re.findall(r"`mptcp_bytes_(\w+)/(\w+)/(\w+)`", logs)
+        for x in xs}
+    assert not set(fields) - named, set(fields) - named
+
 # -- README on a package index page --------------------------------------------------------------
 
 HOME = "https://github.com/mptcpproxy/mptcpproxy"

@@ -180,6 +180,18 @@ def test_a_receiving_proxy_shares_by_bytes_received(caplog):
         "paths=[2001:db8::2]>[2001:db8::1] 75%,10.0.2.2>10.0.2.1 25%")
 
 
+
+def test_a_download_shares_by_the_bytes_received(caplog):
+    """A client proxy relaying a download (iperf3 -R, HTTP): it sent 37 B of request and
+    received 29 MB over 60/40 paths. The shares are those of the bytes received, the
+    direction that carried the traffic (before: 97 %/3 %, the request's split)."""
+    paths = (PathStat(1, A, B, 37, 17_400_000, 0, 4000, True, 38),
+             PathStat(2, C, D, 0, 11_600_000, 0, 9000, True, 1))
+    with caplog.at_level(logging.INFO, logger="mptcpproxy"):
+        connlog.log_end(_result(paths, sent=37), connlog.Conn(C, B, True))
+    assert caplog.records[0].getMessage().endswith(
+        "paths=10.0.1.1>10.0.1.2 60%,10.0.2.1>10.0.2.2 40%")
+
 def test_no_paths_no_paths_field(caplog):
     with caplog.at_level(logging.INFO, logger="mptcpproxy"):
         connlog.log_end(_result(()), connlog.Conn(C, B, True))
@@ -207,3 +219,22 @@ def test_labels_are_the_hosts_own_addresses_at_most_16():
 
 def test_own_addresses_include_loopback():
     assert "127.0.0.1" in own_addresses()
+
+
+def test_an_address_the_host_gains_between_two_scrapes_gets_its_own_label():
+    """A path comes up after the proxy started (a second link, a mobile one): its address
+    carries subflows at the next scrape, however soon, and is labelled as the host's own
+    (before: "other" for good when the scrape came within 10 s of the last read)."""
+    own = {"10.0.0.1"}
+    row = [1, 1, 0] + [0] * 13 + [0.0]
+    rows = {"10.0.0.1": row}
+    collector = PathCollector(lambda: (rows, 0), PathLabels(lambda: set(own)))
+
+    def values() -> set:
+        families = {f.name: f for f in collector.collect()}
+        return {s.labels["local"] for s in families["mptcpproxy_path_bytes"].samples}
+
+    assert values() == {"10.0.0.1"}
+    own.add("10.0.0.2")
+    rows["10.0.0.2"] = row
+    assert values() == {"10.0.0.1", "10.0.0.2"}
