@@ -130,6 +130,13 @@ def test_addresses_ipv6_and_ipv4_mapped(fold):
     assert set(by_addr) == {"2001:db8::1", "10.0.3.1"}
 
 
+def test_the_kernels_most_subflows_are_all_listed_open(fold):
+    # net.mptcp limits allow 8 subflows besides the first: 9 at once, none folded away
+    nine = answer([sf(i, A, B, acked=10) for i in range(1, 10)], acked=90)
+    _, paths, *_ = fold([nine])
+    assert [(p.id, p.closed) for p in paths] == [(i, False) for i in range(1, 10)]
+
+
 def test_at_most_max_paths_subflows_are_kept(fold):
     first = answer([sf(i, A, B, acked=10) for i in range(1, MAX_PATHS + 1)],
                    acked=10 * MAX_PATHS)

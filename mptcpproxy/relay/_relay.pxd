@@ -23,7 +23,7 @@ cdef enum:
     SPLICE_MIN = 65536  # a read this large makes a half splice; a turn moving less, copy
     MAX_LISTENERS = 128  # listening sockets a relay serves at once (Relay.listen)
     MAX_TAGS = 1024  # listener tags (the control plane's listener index): 0 .. MAX_TAGS-1
-    MAX_PATHS = 8  # subflows kept per connection (_results.MAX_PATHS)
+    MAX_PATHS = 9  # subflows kept per connection (_results.MAX_PATHS): the kernel allows 8 + 1
     MAX_ADDRS = 64  # local addresses a worker counts path bytes for; past that: "other"
     RTT_BOUNDS = 12  # buckets of the path RTT histogram (rtt_bounds_us in _relay_paths.pxi)
     PUBLISH_NS = 1000000000  # a worker publishes its open pairs (connections()) this often

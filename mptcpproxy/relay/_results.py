@@ -42,7 +42,7 @@ class PathStat(NamedTuple):
 
 # Subflows kept per connection; a new one past that takes the place of a closed one (whose
 # counts go to the id-0 entry), or when none is closed, is counted in the id-0 entry.
-MAX_PATHS = 8
+MAX_PATHS = 9  # the most subflows the kernel opens at once (8 + 1): a live one is never folded
 
 
 class ConnStat(NamedTuple):
