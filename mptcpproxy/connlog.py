@@ -85,11 +85,13 @@ def log_ends(ends: Sequence[tuple[Result, Conn]]) -> None:
         for r, conn in ends:
             log_end(r, conn)
     else:
-        write([end_line(r, conn) for r, conn in ends])
+        fields = write.fields  # type: ignore[attr-defined]
+        write([end_line(r, conn, fields) for r, conn in ends])
 
 
-def end_line(r: Result, conn: Conn) -> tuple[str, dict]:
-    """A finished pair's message and its fields (the JSON format's keys)."""
+def end_line(r: Result, conn: Conn, fields: bool = True) -> tuple[str, dict]:
+    """A finished pair's message and its fields (the JSON format's keys; {} when `fields`
+    is false: a text log, which needs only the message, saves building them)."""
     how = r.reason
     if r.errno:
         how += f" ({os.strerror(r.errno).lower()})"
@@ -106,6 +108,8 @@ def end_line(r: Result, conn: Conn) -> tuple[str, dict]:
     msg = (f"conn {r.conn_id} {how}: client {client}{f' via {via}' if via else ''} upstream "
            f"{upstream} sent {r.bytes_ab} B received {r.bytes_ba} B in {r.duration:.3f} s, "
            f"{mptcp}")
+    if not fields:
+        return msg, {}
     return msg, {"event": "conn_end", "conn_id": r.conn_id, "client": client, "via": via,
                  "upstream": upstream, "reason": r.reason, "errno": r.errno,
                  "bytes_client_to_upstream": r.bytes_ab,

@@ -155,7 +155,8 @@ def line_writer(logger: logging.Logger) -> Callable[[Sequence[Line]], None] | No
     caplog, an embedding application), which then go through `logger` one by one.
 
     The logging module costs about 8 µs per record (LogRecord, caller lookup, format,
-    a flush each); this writer about 1 µs a line, one write per batch."""
+    a flush each); this writer about 1 µs a line, one write per batch. Its `fields`
+    attribute says whether it writes the lines' fields (JSON) or only their messages."""
     root = logging.getLogger()
     if len(_installed) != 1 or root.handlers != _installed or root.filters:
         return None
@@ -206,4 +207,5 @@ def line_writer(logger: logging.Logger) -> Callable[[Sequence[Line]], None] | No
                 handler.handleError(logging.makeLogRecord(
                     {"name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
                      "msg": batch[0][0]}))
+    write.fields = isinstance(fmt, JsonFormatter)  # type: ignore[attr-defined]
     return write
