@@ -50,13 +50,34 @@ def path_amounts(paths: tuple[PathStat, ...]) -> list[int]:
     return sent if sum(sent) > sum(received) else received
 
 
+_path_names: dict[tuple, str] = {}  # (is a subflow, local host, remote host) -> its name
+
+
+def path_name(p: PathStat) -> str:
+    """A path as the end line names it: "LOCAL>REMOTE" (hosts only, so a few names serve
+    every connection: kept, a cache), or "closed subflows" for the id-0 entry."""
+    key = (p.id != 0, p.local[0], p.remote[0])
+    name = _path_names.get(key)
+    if name is None:
+        if len(_path_names) >= 4096:  # bounded, whatever the addresses
+            _path_names.clear()
+        name = _path_names[key] = (f"{_host(p.local)}>{_host(p.remote)}" if p.id
+                                   else "closed subflows")
+    return name
+
+
 def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:
     """(path, percent) per subflow, of its path_amounts(). The id-0 entry is "closed
-    subflows"."""
-    amounts = path_amounts(paths)
-    total = sum(amounts) or 1
-    return [(f"{_host(p.local)}>{_host(p.remote)}" if p.id else "closed subflows",
-             round(100 * n / total)) for p, n in zip(paths, amounts, strict=True)]
+    subflows". On every MPTCP connection's end line: one pass, no lists of amounts."""
+    sent = received = 0
+    for p in paths:
+        sent += p.bytes_acked or p.bytes_sent
+        received += p.bytes_received
+    if sent > received:
+        return [(path_name(p), round(100 * (p.bytes_acked or p.bytes_sent) / sent))
+                for p in paths]
+    total = received or 1
+    return [(path_name(p), round(100 * p.bytes_received / total)) for p in paths]
 
 
 def path_fields(p: PathStat) -> dict:
