@@ -27,7 +27,8 @@ XFER = str(Path(__file__).with_name("xfer.py"))
 _SPEC = importlib.util.find_spec("mptcpproxy")
 PROXY_ENV = {"PYTHONPATH": str(Path(_SPEC.origin).parent.parent)} if _SPEC and _SPEC.origin else {}
 
-SIZE = 6 << 20  # long enough on the shaped paths for the second subflow to join
+SIZE = 16 << 20  # long enough on the shaped paths for the second subflow to join, also when
+# the whole suite loads both CPUs (6 MiB, half a second, ended once before the join: subflows=1)
 PROXY, SERVER_PROXY, SERVICE = 5555, 4444, 5201
 CONN_END = re.compile(r"conn (\d+) (\w+): client (\S+) upstream (\S+) sent (\d+) B "
                       r"received (\d+) B in \S+ s, (.*?)(?: paths=(.*))?$")
