@@ -149,7 +149,7 @@ man: venv
 	$(PY) setup.py -q build_manpages
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info mptcpproxy/relay/*.so mptcpproxy/relay/_relay.c mptcpproxy/relay/*.html
+	rm -rf build dist wheelhouse *.egg-info mptcpproxy/relay/*.so mptcpproxy/_relay.c mptcpproxy/*.html mptcpproxy/relay/*.html
 	rm -f mptcp-proxy.1
 
 # the benchmark suite (root: network namespaces): no proxy, mptcpproxy, its pure-Python

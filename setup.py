@@ -32,7 +32,7 @@ else:
 extensions = [
     Extension(
         "mptcpproxy.relay._relay",
-        ["mptcpproxy/relay/_relay.pyx"],
+        ["mptcpproxy/_relay.pyx"],  # the package's agreed place; its includes and .pxd in relay/
         extra_compile_args=cflags,
         extra_link_args=["-fsanitize=address"] if ASAN else [],
     )

@@ -202,7 +202,7 @@ def test_sdist_has_the_sources_and_nothing_generated(dists: tuple[Path, Path]) -
                for folder, pattern in (("mptcpproxy", "**/*.py*"), ("mptcpproxy", "**/*.px[di]"),
                                        ("test", "*.py"), ("contrib", "*"), ("man", "*"))
                for p in (REPO / folder).glob(pattern) if p.is_file() and p.suffix != ".pyc"]
-    for needed in ("mptcpproxy/relay/_relay.pyx", "mptcpproxy/relay/_relay_api.pxi",
+    for needed in ("mptcpproxy/_relay.pyx", "mptcpproxy/relay/_relay_api.pxi",
                    "man/mptcp-proxy.include"):
         assert needed in sources
     for needed in [*sources, "pyproject.toml", "setup.py", "MANIFEST.in"]:

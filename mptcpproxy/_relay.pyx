@@ -399,7 +399,7 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
 
 # Per-path accounting, the byte pump (recv/send, or splice through a pipe), accept +
 # connect in the worker, and the Python-facing classes.
-include "_relay_paths.pxi"
-include "_relay_pump.pxi"
-include "_relay_accept.pxi"
-include "_relay_api.pxi"
+include "relay/_relay_paths.pxi"
+include "relay/_relay_pump.pxi"
+include "relay/_relay_accept.pxi"
+include "relay/_relay_api.pxi"
