@@ -44,10 +44,14 @@ def path_amounts(paths: tuple[PathStat, ...]) -> list[int]:
     """The bytes each subflow's share is taken from, in the direction that carried more:
     those the proxy sent on the MPTCP leg (acknowledged by the peer: bytes its own qdisc
     dropped and sent again count once), or those it received (a download's: its request
-    does not decide the split)."""
-    sent = [p.bytes_acked or p.bytes_sent for p in paths]
-    received = [p.bytes_received for p in paths]
-    return sent if sum(sent) > sum(received) else received
+    does not decide the split). One pass for the sums: it runs for every end line."""
+    sent = received = 0
+    for p in paths:
+        sent += p.bytes_acked or p.bytes_sent
+        received += p.bytes_received
+    if sent > received:
+        return [p.bytes_acked or p.bytes_sent for p in paths]
+    return [p.bytes_received for p in paths]
 
 
 _path_names: dict[tuple, str] = {}  # (is a subflow, local host, remote host) -> its name
@@ -68,16 +72,10 @@ def path_name(p: PathStat) -> str:
 
 def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:
     """(path, percent) per subflow, of its path_amounts(). The id-0 entry is "closed
-    subflows". On every MPTCP connection's end line: one pass, no lists of amounts."""
-    sent = received = 0
-    for p in paths:
-        sent += p.bytes_acked or p.bytes_sent
-        received += p.bytes_received
-    if sent > received:
-        return [(path_name(p), round(100 * (p.bytes_acked or p.bytes_sent) / sent))
-                for p in paths]
-    total = received or 1
-    return [(path_name(p), round(100 * p.bytes_received / total)) for p in paths]
+    subflows"."""
+    amounts = path_amounts(paths)
+    total = sum(amounts) or 1
+    return [(path_name(p), round(100 * n / total)) for p, n in zip(paths, amounts, strict=True)]
 
 
 def path_fields(p: PathStat) -> dict:

@@ -178,14 +178,18 @@ def test_the_end_line_gives_each_paths_share(caplog):
             record.mptcp_bytes_retrans) == (1000, 20, 3)
 
 
+def _end_line(caplog, paths: tuple, sent: int) -> str:
+    """The end line log_end() writes for a client proxy's pair with these paths."""
+    with caplog.at_level(logging.INFO, logger="mptcpproxy"):
+        connlog.log_end(_result(paths, sent=sent), connlog.Conn(C, B, True))
+    return caplog.records[0].getMessage()
+
+
 def test_a_receiving_proxy_shares_by_bytes_received(caplog):
     paths = (PathStat(1, ("2001:db8::2", 4444), ("2001:db8::1", 5000), 0, 300, 0, 1, True, 1),
              PathStat(2, D, C, 0, 100, 0, 1, True, 1))
-    with caplog.at_level(logging.INFO, logger="mptcpproxy"):
-        connlog.log_end(_result(paths, sent=0), connlog.Conn(C, B, True))
-    assert caplog.records[0].getMessage().endswith(
+    assert _end_line(caplog, paths, sent=0).endswith(
         "paths=[2001:db8::2]>[2001:db8::1] 75%,10.0.2.2>10.0.2.1 25%")
-
 
 
 def test_a_download_shares_by_the_bytes_received(caplog):
@@ -194,10 +198,9 @@ def test_a_download_shares_by_the_bytes_received(caplog):
     direction that carried the traffic (before: 97 %/3 %, the request's split)."""
     paths = (PathStat(1, A, B, 37, 17_400_000, 0, 4000, True, 38),
              PathStat(2, C, D, 0, 11_600_000, 0, 9000, True, 1))
-    with caplog.at_level(logging.INFO, logger="mptcpproxy"):
-        connlog.log_end(_result(paths, sent=37), connlog.Conn(C, B, True))
-    assert caplog.records[0].getMessage().endswith(
+    assert _end_line(caplog, paths, sent=37).endswith(
         "paths=10.0.1.1>10.0.1.2 60%,10.0.2.1>10.0.2.2 40%")
+
 
 def test_no_paths_no_paths_field(caplog):
     with caplog.at_level(logging.INFO, logger="mptcpproxy"):
