@@ -19,7 +19,7 @@ BENCH_APT_PACKAGES := haproxy socat mptcpize
 ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \
 	test/test_paths_unit.py test/test_paths.py test/test_soak.py
 ASAN_SELECT := [c] or [c- or -c] or compiled_extension or test_asan.py or test_soak.py \
-	or test_an_endpoint_removed
+	or test_an_endpoint_removed or engines_paths
 # the ASan build of the extension, beside the package (see asan)
 ASAN_SO = build/asan/mptcpproxy/relay/_relay$(shell $(PY) -c \
 	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')

@@ -400,6 +400,7 @@ cdef int worker_loop(WorkerState *w) noexcept nogil:
 # Per-path accounting, the byte pump (recv/send, or splice through a pipe), accept +
 # connect in the worker, and the Python-facing classes.
 include "relay/_relay_paths.pxi"
+include "relay/_relay_pathlist.pxi"
 include "relay/_relay_pump.pxi"
 include "relay/_relay_accept.pxi"
 include "relay/_relay_api.pxi"

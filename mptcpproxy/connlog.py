@@ -40,7 +40,7 @@ def _host(addr: tuple) -> str:
     return f"[{addr[0]}]" if ":" in addr[0] else addr[0]
 
 
-def path_amounts(paths: tuple[PathStat, ...]) -> list[int]:
+def path_amounts(paths: Sequence[PathStat]) -> list[int]:
     """The bytes each subflow's share is taken from, in the direction that carried more:
     those the proxy sent on the MPTCP leg (acknowledged by the peer: bytes its own qdisc
     dropped and sent again count once), or those it received (a download's: its request
@@ -70,12 +70,28 @@ def path_name(p: PathStat) -> str:
     return name
 
 
-def path_shares(paths: tuple[PathStat, ...]) -> list[tuple[str, int]]:
+def percent(n: int, total: int) -> int:
+    """round(100 * n / total), halves to even, exact for any counts (the engine's C twin
+    of this rule, relay/_relay_pathlist.pxi, gives the same)."""
+    q, r = divmod(100 * n, total)
+    return q + (2 * r > total or (2 * r == total and q & 1))
+
+
+def path_shares(paths: Sequence[PathStat]) -> list[tuple[str, int]]:
     """(path, percent) per subflow, of its path_amounts(). The id-0 entry is "closed
     subflows"."""
     amounts = path_amounts(paths)
     total = sum(amounts) or 1
-    return [(path_name(p), round(100 * n / total)) for p, n in zip(paths, amounts, strict=True)]
+    return [(path_name(p), percent(n, total)) for p, n in zip(paths, amounts, strict=True)]
+
+
+def paths_text(paths: Sequence[PathStat]) -> str:
+    """The end line's paths= value: "PATH N%" per subflow, of path_shares(). The compiled
+    engine's Result.paths formats it itself, by the same rule (PathList.text)."""
+    text = getattr(paths, "text", None)
+    if text is None:
+        text = ",".join(f"{p} {n}%" for p, n in path_shares(paths))
+    return text
 
 
 def path_fields(p: PathStat) -> dict:
@@ -119,7 +135,7 @@ def end_line(r: Result, conn: Conn, fields: bool = True) -> tuple[str, dict]:
     elif r.is_mptcp:
         mptcp = f"mptcp=yes subflows={r.subflows}"
         if r.paths:
-            mptcp += " paths=" + ",".join(f"{p} {n}%" for p, n in path_shares(r.paths))
+            mptcp += " paths=" + paths_text(r.paths)
     else:
         mptcp = "mptcp=no (fell back to TCP)"
     client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import random
 import socket
 import struct
 
@@ -200,6 +202,61 @@ def test_a_download_shares_by_the_bytes_received(caplog):
              PathStat(2, C, D, 0, 11_600_000, 0, 9000, True, 1))
     assert _end_line(caplog, paths, sent=37).endswith(
         "paths=10.0.1.1>10.0.1.2 60%,10.0.2.1>10.0.2.2 40%")
+
+
+def _random_samples(rng: random.Random) -> list[tuple[bytes, bytes, bytes]]:
+    """One connection's samples: subflows come and go (closed ones, "closed subflows"),
+    IPv4, IPv6 and IPv4-mapped addresses, counts that make shares of exactly N.5 %."""
+    hosts = [("10.0.1.1", 1), ("10.0.2.1", 2), ("2001:db8::1", 3), ("::ffff:10.0.3.1", 4)]
+    counts = [0, 1, 3, 5, 197, 199, 200, 1 << 20, rng.randrange(1 << 50)]
+    grown = {}  # subflow id -> its counters, which only grow
+    samples, total = [], 0
+    for _ in range(rng.randint(1, 3)):
+        listed = []
+        for sid in rng.sample(range(1, 12), rng.randint(1, 4)):
+            last = grown.setdefault(sid, [0, 0, 0])
+            for k in range(3):
+                last[k] += rng.choice(counts)
+            local, remote = hosts[sid % 4], hosts[(sid + 1) % 4]
+            listed.append(sf(sid, local, remote, sent=last[0], acked=last[1],
+                             received=last[2]))
+        total += rng.choice(counts)
+        samples.append(answer(listed, acked=sum(v[1] for v in grown.values()) + total,
+                              received=sum(v[2] for v in grown.values())))
+    return samples
+
+
+def test_the_engines_paths_text_follows_the_end_lines_rule():
+    """The compiled engine formats the paths= text itself (Result.paths.text): it is the
+    text connlog's rule gives for the same paths (the twin's Results use the rule)."""
+    from mptcpproxy.relay._relay import _fold_samples
+    rng = random.Random(13)
+    checked = 0
+    for _ in range(400):
+        _, paths, *_ = _fold_samples(_random_samples(rng))
+        if paths:
+            assert paths.text == connlog.paths_text(tuple(paths)), tuple(paths)
+            checked += 1
+    assert checked > 300
+    assert connlog.percent(1, 200) == 0 and connlog.percent(3, 200) == 2  # halves to even
+
+
+def test_the_engines_paths_are_a_sequence_of_pathstat(caplog):
+    from mptcpproxy.relay._relay import _fold_samples
+    _, paths, *_ = _fold_samples([answer([sf(1, A, B, acked=60), sf(2, C, D, acked=40)],
+                                         acked=100)])
+    items = tuple(paths)
+    assert len(paths) == 2 and paths[1] == items[1] and paths[-1:] == items[-1:]
+    assert paths == items and items == tuple(paths) and hash(paths) == hash(items)
+    assert repr(paths) == repr(items) and pickle.loads(pickle.dumps(paths)) == items
+    # the end line and its JSON fields are those of the same paths as a tuple
+    with caplog.at_level(logging.INFO, logger="mptcpproxy"):
+        connlog.log_end(_result(paths), connlog.Conn(C, B, True))
+        connlog.log_end(_result(items), connlog.Conn(C, B, True))
+    engine, rule = caplog.records
+    assert engine.getMessage() == rule.getMessage()
+    assert engine.getMessage().endswith("paths=10.0.1.1>10.0.1.2 60%,10.0.2.1>10.0.2.2 40%")
+    assert engine.paths == rule.paths
 
 
 def test_no_paths_no_paths_field(caplog):

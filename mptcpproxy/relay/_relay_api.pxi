@@ -74,16 +74,17 @@ cdef class _Worker:
                 client = (socket.inet_ntop(socket.AF_INET, d.client_addr[:4]), d.client_port)
             elif d.client_family == c.AF_INET6:
                 client = (socket.inet_ntop(socket.AF_INET6, d.client_addr[:16]), d.client_port)
-            paths = py_pathset(d.ps)
             ps = d.ps
-            out.append(Result(
+            d.ps = NULL
+            totals = (0, 0, 0)
+            if ps != NULL:
+                totals = (ps.mptcp_sent, ps.mptcp_received, ps.mptcp_retrans)
+            # tuple.__new__: not the namedtuple's Python-level __new__ (one per connection)
+            out.append(_new_tuple(Result, (
                 d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
                 REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client, d.tag,
-                paths, ps.mptcp_sent if ps else 0, ps.mptcp_received if ps else 0,
-                ps.mptcp_retrans if ps else 0,
-            ))
-            free(d.ps)
-            d.ps = NULL
+                wrap_paths(ps), *totals,
+            )))
         self.w.spare, self.w.spare_cap = taken, cap
 
     cdef void connections(self, list out, int64_t now):

@@ -395,8 +395,10 @@ def _fold_samples(list samples):
             totals[key[0]] = [w.addrs[i].sent, w.addrs[i].received, w.addrs[i].retrans,
                               *[w.addrs[i].rtt_count[k] for k in range(RTT_BOUNDS + 1)],
                               w.addrs[i].rtt_sum_us / 1e6]
-        return (counts, py_pathset(ps), (ps.mptcp_sent, ps.mptcp_received, ps.mptcp_retrans),
-                totals, w.reinjected)
+        mptcp = (ps.mptcp_sent, ps.mptcp_received, ps.mptcp_retrans)
+        paths = wrap_paths(ps)  # Result.paths as take() gives it: it owns ps now
+        ps = NULL
+        return (counts, paths, mptcp, totals, w.reinjected)
     finally:
         c.pthread_mutex_destroy(&w.pub_lock)
         free(ps)
