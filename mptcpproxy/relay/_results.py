@@ -77,7 +77,9 @@ class Result(NamedTuple):
     subflows: int  # most subflows seen on it, the first included (0 when not MPTCP)
     client: tuple | None = None  # (host, port) of a client the relay accepted itself
     tag: int = 0  # the listener's tag given to Relay.listen or Relay.add
-    paths: tuple = ()  # of PathStat, the final sample ((): not MPTCP, sampling off, < 6.5)
+    # of PathStat, the final sample ((): not MPTCP, sampling off, < 6.5); the compiled
+    # engine's is a PathList: a sequence equal to the tuple, and .text (the end line's)
+    paths: tuple = ()
     mptcp_bytes_sent: int = 0  # connection-level mptcpi_bytes_* (0 if not MPTCP)
     mptcp_bytes_received: int = 0
     mptcp_bytes_retrans: int = 0
