@@ -72,8 +72,11 @@ cdef int established_subflows(int fd) noexcept nogil:
     return count
 
 
-cdef void sample_mptcp(WorkerState *w, Pair *p) noexcept nogil:
+cdef void sample_mptcp(WorkerState *w, Pair *p, int paths) noexcept nogil:
     # TCP_IS_MPTCP: 1 while the connection really runs MPTCP, 0 after a fallback to TCP.
+    # `paths`: a path sample (with path_stats on: the periodic one, at the MPTCP peer's
+    # EOF and the last); the samples at connect and at the other peer's EOF only count
+    # subflows, a cheaper MPTCP_FULL_INFO call.
     cdef int val = 0, n
     cdef c.socklen_t vlen = sizeof(val)
     cdef c.mptcp_info info
@@ -84,7 +87,7 @@ cdef void sample_mptcp(WorkerState *w, Pair *p) noexcept nogil:
     if c.getsockopt(fd, c.IPPROTO_TCP, c.TCP_IS_MPTCP, &val, &vlen) != 0 or val == 0:
         return
     p.is_mptcp = 1
-    n = sample_paths(w, p, fd) if w.path_stats else established_subflows(fd)
+    n = sample_paths(w, p, fd) if paths and w.path_stats else established_subflows(fd)
     if n < 0 and c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_INFO, &info, &ilen) == 0 and ilen >= 1:
         n = info.mptcpi_subflows + 1  # an older kernel: joins under way are counted too
     if n > p.subflows:
@@ -116,7 +119,7 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
         p.is_mptcp = 0
         p.subflows = 0
     else:
-        sample_mptcp(w, p)  # the last sample, before close()
+        sample_mptcp(w, p, 1)  # the last sample, before close()
         paths_closed(p.ps)
     if (reason == R_RESET or reason == R_ERROR or reason == R_ABORTED
             or (reason == R_TIMEOUT and holds_bytes(p))):
@@ -215,7 +218,7 @@ cdef void take_incoming(WorkerState *w) noexcept nogil:
             w.pairs.prev = p
         w.pairs = p
         if register(w, p) == 0:
-            sample_mptcp(w, p)
+            sample_mptcp(w, p, 0)
         p = nxt
     sync_listener(w)
 
@@ -269,7 +272,7 @@ cdef void scan(WorkerState *w) noexcept nogil:
         elif p.idle_ns > 0 and w.now - p.last_ns >= p.idle_ns:
             finish(w, p, R_TIMEOUT, 0)
         elif p.mptcp_side >= 0 and p.last_ns > p.sampled_ns and w.now - p.sampled_ns >= NS:
-            sample_mptcp(w, p)
+            sample_mptcp(w, p, 1)
             p.sampled_ns = w.now
         p = nxt
     w.next_scan = w.now + NS // 4

@@ -111,6 +111,8 @@ cdef size_t format_paths(PathSet *ps, char *out) noexcept nogil:
 
 
 @cython.final
+@cython.no_gc  # holds a tuple of PathStat and a str: never part of a cycle
+@cython.freelist(64)
 cdef class PathList:
     """Result.paths of the compiled engine: a sequence of PathStat (equal to the tuple of
     them, built on first use) and `text`, the end line's paths= value."""

@@ -104,7 +104,9 @@ cdef inline void requeue(WorkerState *w, Pair *p) noexcept nogil:
 
 cdef void half_eof(WorkerState *w, Pair *p, int h) noexcept nogil:
     # EOF from side h: nothing is pending for the other side, so half-close it now.
-    sample_mptcp(w, p)
+    # The MPTCP peer's DATA_FIN: everything it sent has arrived in order, and its subflows
+    # are still listed: a path sample (the kernel may drop them before finish()'s sample).
+    sample_mptcp(w, p, h == p.mptcp_side)
     c.shutdown(p.side[1 - h].fd, c.SHUT_WR)
     p.half[h].done = 1
     p.side[h].readable = 0

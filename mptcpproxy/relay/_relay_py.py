@@ -201,7 +201,7 @@ class _Worker(Pump, Accept):
             elif pair.idle > 0 and now - pair.last >= pair.idle:
                 self._finish(pair, TIMEOUT, 0)
             elif pair.mptcp_side >= 0 and pair.last > pair.sampled and now - pair.sampled >= 1:
-                pair.sample_mptcp(self.acc)
+                pair.sample_mptcp(self.acc)  # a path sample
                 pair.sampled = now
 
     def _take_incoming(self, now: float) -> None:
@@ -213,7 +213,7 @@ class _Worker(Pump, Accept):
             incoming, self.incoming = self.incoming, []
         for pair in incoming:
             if self._register(pair, now):
-                pair.sample_mptcp(self.acc)
+                pair.sample_mptcp(None)
         self._sync_listener(now)
 
     def _register(self, pair: _Pair, now: float) -> bool:

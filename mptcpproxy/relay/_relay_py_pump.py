@@ -95,7 +95,8 @@ class _Pair:
         return bool(self.pending[0] or self.pending[1] or self.inpipe[0] or self.inpipe[1])
 
     def sample_mptcp(self, acc: AddrTotals | None) -> None:
-        """`acc`: the worker's per-address counters with path_stats, else None."""
+        """`acc`: the worker's per-address counters for a path sample (path_stats on: the
+        periodic sample and the last), else None: the subflows are only counted."""
         if self.mptcp_side < 0 or self.connecting:
             return
         sock = self.socks[self.mptcp_side]
@@ -215,7 +216,8 @@ class Pump:
 
     def _eof(self, pair: _Pair, h: int) -> None:
         # Nothing is pending for the destination: half-close it now.
-        pair.sample_mptcp(self.acc)
+        # the MPTCP peer's DATA_FIN: a path sample while its subflows are still listed
+        pair.sample_mptcp(self.acc if h == pair.mptcp_side else None)
         try:
             pair.socks[1 - h].shutdown(socket.SHUT_WR)
         except OSError:
