@@ -86,11 +86,15 @@ def path_shares(paths: Sequence[PathStat]) -> list[tuple[str, int]]:
 
 
 def paths_text(paths: Sequence[PathStat]) -> str:
-    """The end line's paths= value: "PATH N%" per subflow, of path_shares(). The compiled
-    engine's Result.paths formats it itself, by the same rule (PathList.text)."""
+    """The end line's paths= value: "PATH N%" per subflow, of path_shares(), without a
+    "closed subflows" entry at 0 % (after both DATA_FINs the kernel may close the subflows
+    before the last sample: the DATA_FIN's acknowledgement lands there, one byte). The
+    compiled engine's Result.paths formats it itself, by the same rule (PathList.text)."""
     text = getattr(paths, "text", None)
     if text is None:
-        text = ",".join(f"{p} {n}%" for p, n in path_shares(paths))
+        shares = path_shares(paths)
+        text = ",".join(f"{name} {n}%" for p, (name, n) in zip(paths, shares, strict=True)
+                        if p.id or n)
     return text
 
 
@@ -134,8 +138,9 @@ def end_line(r: Result, conn: Conn, fields: bool = True) -> tuple[str, dict]:
         mptcp = "mptcp=off"
     elif r.is_mptcp:
         mptcp = f"mptcp=yes subflows={r.subflows}"
-        if r.paths:
-            mptcp += " paths=" + paths_text(r.paths)
+        text = paths_text(r.paths) if r.paths else ""
+        if text:
+            mptcp += " paths=" + text
     else:
         mptcp = "mptcp=no (fell back to TCP)"
     client, upstream = sockets.peer_name(conn.client), sockets.peer_name(conn.upstream)

@@ -74,10 +74,11 @@ cdef size_t put_uint(char *out, size_t at, uint64_t v) noexcept nogil:
 
 cdef size_t format_paths(PathSet *ps, char *out) noexcept nogil:
     # "LOCAL>REMOTE N%" per path, comma-separated ("closed subflows N%" for the id-0
-    # entry), of the bytes in the direction that carried more (connlog.path_amounts).
+    # entry, left out at 0 %), of the bytes in the direction that carried more
+    # (connlog.path_amounts).
     cdef int k, count = path_count(ps)
     cdef int by_sent
-    cdef uint64_t sent = 0, received = 0, total
+    cdef uint64_t sent = 0, received = 0, total, share
     cdef size_t at = 0
     cdef PathRec *r
     for k in range(count):
@@ -90,7 +91,10 @@ cdef size_t format_paths(PathSet *ps, char *out) noexcept nogil:
         total = 1
     for k in range(count):
         r = path_at(ps, k)
-        if k:
+        share = percent((r.acked if r.acked else r.sent) if by_sent else r.received, total)
+        if r.id == 0 and share == 0:
+            continue  # the connection's DATA_FIN after its subflows closed, a stray byte
+        if at:
             out[at] = b','
             at += 1
         if r.id == 0:
@@ -103,8 +107,7 @@ cdef size_t format_paths(PathSet *ps, char *out) noexcept nogil:
             at = put_host(out, at, &r.remote)
         out[at] = b' '
         at += 1
-        at = put_uint(out, at, percent(
-            (r.acked if r.acked else r.sent) if by_sent else r.received, total))
+        at = put_uint(out, at, share)
         out[at] = b'%'
         at += 1
     return at
