@@ -17,7 +17,8 @@ BENCH_APT_PACKAGES := haproxy socat mptcpize
 # the engine's tests that the AddressSanitizer pass runs again (those of the compiled engine:
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
 ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \
-	test/test_paths_unit.py test/test_paths.py test/test_soak.py
+	test/test_paths_unit.py test/test_paths.py test/test_paths_short.py test/test_pathlist_unit.py \
+	test/test_soak.py
 ASAN_SELECT := [c] or [c- or -c] or compiled_extension or test_asan.py or test_soak.py \
 	or test_an_endpoint_removed or engines_paths
 # the ASan build of the extension, beside the package (see asan)

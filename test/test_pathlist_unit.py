@@ -19,8 +19,6 @@ def _paths():
     return paths
 
 
-@pytest.mark.xfail(strict=True, reason="engine (lead): PathList() from Python has no "
-                   "PathSet: len() and .text read through a NULL pointer (SIGSEGV)")
 @pytest.mark.parametrize("use", ["len(p)", "p.text", "bool(p)", "list(p)"])
 def test_a_pathlist_made_from_python_does_not_crash_the_interpreter(use) -> None:
     """The class is reachable (type(result.paths)); making one must not kill the process."""
@@ -31,10 +29,11 @@ def test_a_pathlist_made_from_python_does_not_crash_the_interpreter(use) -> None
     assert done.returncode == 0, (done.returncode, done.stderr[-500:])
 
 
-@pytest.mark.xfail(strict=True, reason="engine (lead): PathList is registered as a Sequence "
-                   "but lacks the Sequence methods index() and count()")
 def test_the_engines_paths_have_the_sequence_methods() -> None:
     paths = _paths()
     items = tuple(paths)
     assert isinstance(paths, collections.abc.Sequence)
     assert paths.index(items[1]) == 1 and paths.count(items[0]) == 1
+    # and the tuple's operators
+    assert paths + () == items and () + paths == items and paths * 2 == items * 2
+    assert paths <= items and not paths < items and (*items, 1) > paths

@@ -72,8 +72,6 @@ def _results(relays: list, count: int) -> list[dict]:
     return got
 
 
-@pytest.mark.xfail(strict=True, reason="engine (lead): after 18d18ad the last path sample "
-                   "that lists the subflows is at the MPTCP peer's EOF, before the answer")
 @pytest.mark.parametrize("response", [3000, 100_000])
 def test_a_short_exchange_whose_client_closes_first_names_its_paths_on_both_relays(
         testbed, engine, response) -> None:

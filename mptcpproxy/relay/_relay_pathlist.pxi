@@ -13,7 +13,8 @@ cdef enum:
 
 
 cdef inline int path_count(PathSet *ps) noexcept nogil:
-    return ps.n + has_other(ps)
+    # (NULL: a PathList made from Python, PathList(), which holds no paths.)
+    return 0 if ps == NULL else ps.n + has_other(ps)
 
 
 cdef inline PathRec *path_at(PathSet *ps, int k) noexcept nogil:
@@ -120,7 +121,7 @@ cdef class PathList:
     """Result.paths of the compiled engine: a sequence of PathStat (equal to the tuple of
     them, built on first use) and `text`, the end line's paths= value."""
 
-    cdef PathSet *ps  # owned; never NULL once wrapped
+    cdef PathSet *ps  # owned; NULL only in a PathList() made from Python (no paths)
     cdef tuple items
     cdef str _text
 
@@ -150,6 +151,36 @@ cdef class PathList:
 
     def __getitem__(self, index):
         return self.get()[index]
+
+    def index(self, value, *args):
+        return self.get().index(value, *args)
+
+    def count(self, value):
+        return self.get().count(value)
+
+    def __add__(self, other):
+        return tuple(self) + other
+
+    def __radd__(self, other):
+        return other + tuple(self)
+
+    def __mul__(self, n):
+        return tuple(self) * n
+
+    def __rmul__(self, n):
+        return tuple(self) * n
+
+    def __lt__(self, other):
+        return tuple(self) < other
+
+    def __le__(self, other):
+        return tuple(self) <= other
+
+    def __gt__(self, other):
+        return tuple(self) > other
+
+    def __ge__(self, other):
+        return tuple(self) >= other
 
     def __eq__(self, other):
         if isinstance(other, PathList):

@@ -216,8 +216,10 @@ class Pump:
 
     def _eof(self, pair: _Pair, h: int) -> None:
         # Nothing is pending for the destination: half-close it now.
-        # the MPTCP peer's DATA_FIN: a path sample while its subflows are still listed
-        pair.sample_mptcp(self.acc if h == pair.mptcp_side else None)
+        # A path sample at the MPTCP peer's DATA_FIN and at the second EOF, while the
+        # subflows are still listed (see _relay_pump.pxi, half_eof).
+        m = pair.mptcp_side
+        pair.sample_mptcp(self.acc if m >= 0 and (h == m or pair.done[m]) else None)
         try:
             pair.socks[1 - h].shutdown(socket.SHUT_WR)
         except OSError:
