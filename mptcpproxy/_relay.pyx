@@ -119,7 +119,10 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
         p.is_mptcp = 0
         p.subflows = 0
     else:
-        sample_mptcp(w, p, 1)  # the last sample, before close()
+        if reason != R_CLOSED:
+            # The last sample, before close(). A clean close comes from pump() right after
+            # the second EOF, whose sample (half_eof) is this one: nothing moved since.
+            sample_mptcp(w, p, 1)
         paths_closed(p.ps)
     if (reason == R_RESET or reason == R_ERROR or reason == R_ABORTED
             or (reason == R_TIMEOUT and holds_bytes(p))):

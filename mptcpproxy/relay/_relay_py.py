@@ -25,6 +25,7 @@ from mptcpproxy.relay._relay_py_paths import AddrTotals, peer
 from mptcpproxy.relay._relay_py_pump import Pump, _Pair
 from mptcpproxy.relay._results import (
     ABORTED,
+    CLOSED,
     ERROR,
     FAILED,
     MAX_SECONDS,
@@ -236,7 +237,8 @@ class _Worker(Pump, Accept):
         if reason == FAILED:
             pair.is_mptcp, pair.subflows = False, 0  # never connected: no MPTCP status
         else:
-            pair.sample_mptcp(self.acc)  # the last sample, before close()
+            if reason != CLOSED:  # a clean close: the second EOF's sample is the last one
+                pair.sample_mptcp(self.acc)  # the last sample, before close()
             if pair.paths is not None:
                 pair.paths.closed()
         rst = reason in (RESET, ERROR, ABORTED) or (reason == TIMEOUT and pair.holds_bytes())
