@@ -72,11 +72,12 @@ cdef int established_subflows(int fd) noexcept nogil:
     return count
 
 
-cdef void sample_mptcp(WorkerState *w, Pair *p, int paths) noexcept nogil:
+cdef void sample_mptcp(WorkerState *w, Pair *p, int what) noexcept nogil:
     # TCP_IS_MPTCP: 1 while the connection really runs MPTCP, 0 after a fallback to TCP.
-    # `paths`: a path sample (with path_stats on: the periodic one, at the MPTCP peer's
-    # EOF and the last); the samples at connect and at the other peer's EOF only count
-    # subflows, a cheaper MPTCP_FULL_INFO call.
+    # `what`: SAMPLE_STATUS at connect (its initial subflow is established: one, without
+    # asking), else SAMPLE_PATHS: the established subflows, and with path_stats every
+    # subflow's counters in the same MPTCP_FULL_INFO call (periodically, at the MPTCP
+    # peer's EOF, at the second EOF, and in finish() unless that came right after it).
     cdef int val = 0, n
     cdef c.socklen_t vlen = sizeof(val)
     cdef c.mptcp_info info
@@ -87,7 +88,11 @@ cdef void sample_mptcp(WorkerState *w, Pair *p, int paths) noexcept nogil:
     if c.getsockopt(fd, c.IPPROTO_TCP, c.TCP_IS_MPTCP, &val, &vlen) != 0 or val == 0:
         return
     p.is_mptcp = 1
-    n = sample_paths(w, p, fd) if paths and w.path_stats else established_subflows(fd)
+    if what == SAMPLE_STATUS:
+        if p.subflows < 1:
+            p.subflows = 1
+        return
+    n = sample_paths(w, p, fd) if w.path_stats else established_subflows(fd)
     if n < 0 and c.getsockopt(fd, c.SOL_MPTCP, c.MPTCP_INFO, &info, &ilen) == 0 and ilen >= 1:
         n = info.mptcpi_subflows + 1  # an older kernel: joins under way are counted too
     if n > p.subflows:
@@ -122,7 +127,7 @@ cdef void finish(WorkerState *w, Pair *p, int reason, int err) noexcept nogil:
         if reason != R_CLOSED:
             # The last sample, before close(). A clean close comes from pump() right after
             # the second EOF, whose sample (half_eof) is this one: nothing moved since.
-            sample_mptcp(w, p, 1)
+            sample_mptcp(w, p, SAMPLE_PATHS)
         paths_closed(p.ps)
     if (reason == R_RESET or reason == R_ERROR or reason == R_ABORTED
             or (reason == R_TIMEOUT and holds_bytes(p))):
@@ -221,7 +226,7 @@ cdef void take_incoming(WorkerState *w) noexcept nogil:
             w.pairs.prev = p
         w.pairs = p
         if register(w, p) == 0:
-            sample_mptcp(w, p, 0)
+            sample_mptcp(w, p, SAMPLE_STATUS)
         p = nxt
     sync_listener(w)
 
@@ -275,7 +280,7 @@ cdef void scan(WorkerState *w) noexcept nogil:
         elif p.idle_ns > 0 and w.now - p.last_ns >= p.idle_ns:
             finish(w, p, R_TIMEOUT, 0)
         elif p.mptcp_side >= 0 and p.last_ns > p.sampled_ns and w.now - p.sampled_ns >= NS:
-            sample_mptcp(w, p, 1)
+            sample_mptcp(w, p, SAMPLE_PATHS)
             p.sampled_ns = w.now
         p = nxt
     w.next_scan = w.now + NS // 4

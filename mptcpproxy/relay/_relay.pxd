@@ -14,6 +14,11 @@ cdef enum:
     R_ACCEPT_ERROR = 6  # not a pair: accept() failed for want of fds or memory
 
 cdef enum:
+    # What sample_mptcp() asks the kernel (see docs/design.md, "MPTCP sampling").
+    SAMPLE_STATUS = 0  # at connect: TCP_IS_MPTCP only (an established one has a subflow)
+    SAMPLE_PATHS = 1  # the subflows, and with path_stats each one's counters (a path sample)
+
+cdef enum:
     NOTIFY_MS = 20  # the longest a finished pair waits to be reported: fewer wake-ups
     MAX_EVENTS = 256
     READ_BUDGET = 16  # reads per half and turn: a fast sender cannot starve the others

@@ -207,5 +207,5 @@ cdef int connect_pending(WorkerState *w, Pair *p, Side *s, uint32_t ev) noexcept
             finish(w, p, R_FAILED, soerr)
             return 1
     p.connecting = 0
-    sample_mptcp(w, p, 0)
+    sample_mptcp(w, p, SAMPLE_STATUS)
     return 0

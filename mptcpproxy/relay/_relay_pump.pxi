@@ -104,12 +104,12 @@ cdef inline void requeue(WorkerState *w, Pair *p) noexcept nogil:
 
 cdef void half_eof(WorkerState *w, Pair *p, int h) noexcept nogil:
     # EOF from side h: nothing is pending for the other side, so half-close it now.
-    # A path sample at the MPTCP peer's DATA_FIN (all it sent has arrived in order) and at
-    # the second EOF (all has moved both ways): the subflows are still listed then, and
-    # after both DATA_FINs the kernel may drop them before finish()'s sample. The other
-    # peer's EOF while the MPTCP peer still sends only counts subflows.
-    sample_mptcp(w, p, p.mptcp_side >= 0
-                 and (h == p.mptcp_side or p.half[p.mptcp_side].done))
+    # A sample at the MPTCP peer's DATA_FIN (all it sent has arrived in order) and at the
+    # second EOF (all has moved both ways), while the kernel still lists the subflows:
+    # after both DATA_FINs it may drop them. The other peer's EOF while the MPTCP peer
+    # still sends is not sampled (the next one comes at the latest at the second EOF).
+    if p.mptcp_side >= 0 and (h == p.mptcp_side or p.half[p.mptcp_side].done):
+        sample_mptcp(w, p, SAMPLE_PATHS)
     c.shutdown(p.side[1 - h].fd, c.SHUT_WR)
     p.half[h].done = 1
     p.side[h].readable = 0

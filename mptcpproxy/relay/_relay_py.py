@@ -214,7 +214,7 @@ class _Worker(Pump, Accept):
             incoming, self.incoming = self.incoming, []
         for pair in incoming:
             if self._register(pair, now):
-                pair.sample_mptcp(None)
+                pair.sample_mptcp(None, status=True)
         self._sync_listener(now)
 
     def _register(self, pair: _Pair, now: float) -> bool:

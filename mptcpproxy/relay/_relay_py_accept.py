@@ -205,5 +205,5 @@ class Accept:
                 self._finish(pair, FAILED, err)
                 return True
         pair.connecting = False
-        pair.sample_mptcp(None)
+        pair.sample_mptcp(None, status=True)
         return False

@@ -94,9 +94,10 @@ class _Pair:
         """Bytes read from one peer and not yet delivered to the other."""
         return bool(self.pending[0] or self.pending[1] or self.inpipe[0] or self.inpipe[1])
 
-    def sample_mptcp(self, acc: AddrTotals | None) -> None:
-        """`acc`: the worker's per-address counters for a path sample (path_stats on: the
-        periodic sample and the last), else None: the subflows are only counted."""
+    def sample_mptcp(self, acc: AddrTotals | None, status: bool = False) -> None:
+        """`acc`: the worker's per-address counters (path_stats on: a path sample), else
+        None: the subflows are only counted. `status` (at connect): TCP_IS_MPTCP only,
+        and an established MPTCP connection has its initial subflow (see _relay.pyx)."""
         if self.mptcp_side < 0 or self.connecting:
             return
         sock = self.socks[self.mptcp_side]
@@ -104,6 +105,9 @@ class _Pair:
             if not sock.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP):
                 return
             self.is_mptcp = True
+            if status:
+                self.subflows = max(self.subflows, 1)
+                return
             n = (self._sample_paths(sock.fileno(), acc) if acc is not None
                  else established_subflows(sock.fileno()))
             if n is None:  # an older kernel: joins under way are counted too
@@ -216,10 +220,11 @@ class Pump:
 
     def _eof(self, pair: _Pair, h: int) -> None:
         # Nothing is pending for the destination: half-close it now.
-        # A path sample at the MPTCP peer's DATA_FIN and at the second EOF, while the
-        # subflows are still listed (see _relay_pump.pxi, half_eof).
+        # A sample at the MPTCP peer's DATA_FIN and at the second EOF, while the subflows
+        # are still listed (see _relay_pump.pxi, half_eof).
         m = pair.mptcp_side
-        pair.sample_mptcp(self.acc if m >= 0 and (h == m or pair.done[m]) else None)
+        if m >= 0 and (h == m or pair.done[m]):
+            pair.sample_mptcp(self.acc)
         try:
             pair.socks[1 - h].shutdown(socket.SHUT_WR)
         except OSError:
