@@ -18,6 +18,7 @@ BENCH_APT_PACKAGES := haproxy socat mptcpize
 # ids [c], [c-...] or [...-c]), with the checks of that pass itself and the soak
 ASAN_TESTS := test/test_asan.py $(wildcard test/test_relay*.py) test/test_splice.py \
 	test/test_paths_unit.py test/test_paths.py test/test_paths_short.py test/test_pathlist_unit.py \
+	test/test_paths_server_first.py test/test_paths_reset_short.py test/test_live_idle.py \
 	test/test_soak.py
 ASAN_SELECT := [c] or [c- or -c] or compiled_extension or test_asan.py or test_soak.py \
 	or test_an_endpoint_removed or engines_paths

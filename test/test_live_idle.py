@@ -49,8 +49,6 @@ def test_an_idle_mptcp_connection_shows_its_path_in_the_live_view(testbed, engin
         lst.close()
 
 
-@pytest.mark.xfail(strict=True, reason="engine: since 18d18ad the sample at connect only "
-                   "counts subflows: no paths until the first periodic one, 250 ms in")
 def test_a_young_mptcp_connection_shows_its_path_in_the_live_view(testbed, engine) -> None:
     """Connections registered every 125 ms for a second: the workers' publication (once a
     second) lists the youngest before its first periodic sample (a quarter second in).

@@ -271,6 +271,10 @@ cdef void publish(WorkerState *w) noexcept nogil:
     b.nconns = 0
     b.npaths = 0
     while p != NULL:
+        if p.is_mptcp and p.ps == NULL and w.path_stats:
+            # Not path-sampled yet (younger than the scan's first sample): list its paths.
+            # (Before Linux 6.5 no sample makes a PathSet: one more call a second.)
+            sample_mptcp(w, p, SAMPLE_PATHS)
         k = 0 if p.ps == NULL else p.ps.n + has_other(p.ps)
         if pub_room(b, k) < 0:
             break  # out of memory: a shorter list this time

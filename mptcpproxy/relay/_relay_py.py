@@ -274,6 +274,8 @@ class _Worker(Pump, Accept):
             if id(pair) in seen or pair.dead:
                 continue
             seen.add(id(pair))
+            if pair.is_mptcp and pair.paths is None and self.acc is not None:
+                pair.sample_mptcp(self.acc)  # not path-sampled yet: list its paths
             paths = pair.paths
             out.append((pair.start, ConnStat(
                 pair.conn_id, pair.tag, pair.client or pair.peer_a, pair.upstream,

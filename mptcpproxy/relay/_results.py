@@ -57,7 +57,7 @@ class ConnStat(NamedTuple):
     bytes_ba: int  # upstream -> client so far
     is_mptcp: bool
     subflows: int  # established subflows now
-    paths: tuple  # of PathStat ((): not MPTCP, or sampling off / kernel < 6.5)
+    paths: tuple  # of PathStat ((): not MPTCP, not sampled yet, sampling off, kernel < 6.5)
     mptcp_bytes_sent: int  # connection-level mptcpi_bytes_sent (0 if not MPTCP)
     mptcp_bytes_received: int
     mptcp_bytes_retrans: int
