@@ -35,7 +35,16 @@ extensions = [
         ["mptcpproxy/_relay.pyx"],  # the package's agreed place; its includes and .pxd in relay/
         extra_compile_args=cflags,
         extra_link_args=["-fsanitize=address"] if ASAN else [],
-    )
+    ),
+    # the experimental io_uring engine (issue 16): optional, a compiler that cannot build
+    # it leaves it out and the build goes on
+    Extension(
+        "mptcpproxy.relay._uring",
+        ["mptcpproxy/_uring.pyx"],
+        extra_compile_args=cflags,
+        extra_link_args=["-fsanitize=address"] if ASAN else [],
+        optional=True,
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=False))
