@@ -24,6 +24,8 @@ PEER_LABELS = {
     "socat": "socat",
     "pair-no-paths": "mptcpproxy pair --no-path-stats",
     "haproxy-pair": "HAProxy pair under mptcpize TCP→MPTCP→TCP",
+    "uring": "io_uring prototype TCP→TCP",
+    "uring-pair": "io_uring prototype pair TCP→MPTCP→TCP",
     "tcp-1path": "one TCP path",
     "mptcp-direct": "MPTCP sockets (mptcpize)",
 }
