@@ -2,7 +2,10 @@
 listen on PORT, relay every connection to HOST:PORT, until SIGTERM or SIGINT.
 
     python bench/uring_proxy.py LISTEN_PORT UPSTREAM_HOST:PORT [--mptcp-listen]
-        [--mptcp-upstream] [--workers N] [--buf-size BYTES] [--buf-count N]
+        [--mptcp-upstream] [--workers N] [--small COUNTxBYTES] [--big COUNTxBYTES]
+
+The buffer pools default to URING_SMALL / URING_BIG from the environment when set (a lever
+run changes them without another peer), else to the engine's own defaults.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from mptcpproxy.relay._uring import Uring, probe
 IPPROTO_MPTCP = 262
 
 
+def pool(text: str) -> tuple[int, int]:
+    count, _, size = text.partition("x")
+    return int(count), int(size)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("port", type=int)
@@ -27,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mptcp-listen", action="store_true")
     p.add_argument("--mptcp-upstream", action="store_true")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--buf-size", type=int, default=int(os.environ.get("URING_BUF_SIZE", 64 << 10)))
-    p.add_argument("--buf-count", type=int, default=int(os.environ.get("URING_BUF_COUNT", 256)))
+    p.add_argument("--small", type=pool, default=os.environ.get("URING_SMALL", "256x16384"))
+    p.add_argument("--big", type=pool, default=os.environ.get("URING_BIG", "8x524288"))
     args = p.parse_args(argv)
     if why := probe():
         print(f"uring_proxy: {why}", file=sys.stderr)
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind((args.bind, args.port))
     listener.listen(4096)
     relay = Uring(listener, (host.strip("[]"), int(port)), mptcp=args.mptcp_upstream,
-                  workers=args.workers, buf_count=args.buf_count, buf_size=args.buf_size)
+                  workers=args.workers, small=args.small, big=args.big)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -52,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         relay.results.clear()  # a long run would hold every record: only the counters stay
     relay.stop()
     listener.close()
-    accepted, finished, enters, dropped = relay.counters
-    print(f"uring_proxy: accepted={accepted} finished={finished} enters={enters}",
-          file=sys.stderr)
+    accepted, finished, enters, _, starved = relay.counters
+    print(f"uring_proxy: accepted={accepted} finished={finished} enters={enters} "
+          f"starved={starved}", file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,8 @@ import threading
 cdef enum:
     SQ_ENTRIES = 1024
     CQ_ENTRIES = 8192
-    BGID = 0
+    SMALL = 0       # the buffer groups: many small buffers, for every recv at first,
+    BIG = 1         # and a few big ones (hot in the cache) for a direction filling them
     MSG_WAITALL = 0x100
     IPPROTO_MPTCP = 262
     # the low 3 bits of user_data: what completed; the rest: the pair (NULL: the worker)
@@ -48,6 +49,8 @@ cdef struct Pair:
     int failed           # an error, or stop(): pending operations cancelled
     int reason, err
     int bid[2]           # the buffer direction d is sending, -1: none
+    int group[2]         # the buffer group of direction d's next (or pending) recv
+    int sgroup[2]        # and of the buffer it is sending
     uint32_t sending[2]  # its length
     int starved[2]       # waiting for a free buffer (the recv met -ENOBUFS)
     uint64_t nbytes[2]
@@ -65,6 +68,13 @@ cdef struct sockaddr_any:
     char raw[128]
 
 
+cdef struct Pool:
+    ur_buf *ring         # a provided-buffer ring (group SMALL or BIG)
+    char *mem            # its buffers
+    uint32_t count, size
+    uint16_t tail
+
+
 cdef struct Worker:
     int ring, lfd, efd, family, proto, stopping, accepting
     ur_sqe *sqes
@@ -79,16 +89,14 @@ cdef struct Worker:
     void *sq_map
     void *cq_map
     size_t sq_map_len, cq_map_len, sqes_len
-    ur_buf *bufs         # the provided-buffer ring
-    char *mem            # its buffers
-    uint32_t buf_count, buf_size, recycled
-    uint16_t buf_tail
+    Pool pool[2]
+    uint32_t recycled
     sockaddr_any upstream
     uint32_t upstream_len
     uint64_t efd_value
     Pair *live
     Pair *starved_head[2]
-    uint64_t accepted, finished, enters
+    uint64_t accepted, finished, enters, starved
     c.pthread_mutex_t lock
     Record *records
     uint32_t nrecords, dropped
@@ -120,15 +128,20 @@ cdef int flush(Worker *w, unsigned wait) noexcept nogil:
         return -c.errno  # EBUSY/EAGAIN: completions to reap first; the caller loops
 
 
-cdef inline void recycle(Worker *w, int bid) noexcept nogil:
-    cdef ur_buf *b = &w.bufs[w.buf_tail & (w.buf_count - 1)]
-    b.addr = <uint64_t>(w.mem + <size_t>bid * w.buf_size)
-    b.len = w.buf_size
+cdef inline char *buffer(Worker *w, int g, int bid) noexcept nogil:
+    return w.pool[g].mem + <size_t>bid * w.pool[g].size
+
+
+cdef inline void recycle(Worker *w, int g, int bid) noexcept nogil:
+    cdef Pool *pool = &w.pool[g]
+    cdef ur_buf *b = &pool.ring[pool.tail & (pool.count - 1)]
+    b.addr = <uint64_t>buffer(w, g, bid)
+    b.len = pool.size
     b.bid = <uint16_t>bid
-    w.buf_tail += 1
+    pool.tail += 1
     w.recycled += 1
     # the ring's tail is the 16 bits at offset 14 of its first entry
-    ur_store16(<uint16_t *>(<char *>w.bufs + 14), w.buf_tail)
+    ur_store16(<uint16_t *>(<char *>pool.ring + 14), pool.tail)
 
 
 cdef void post_recv(Worker *w, Pair *p, int d) noexcept nogil:
@@ -136,7 +149,7 @@ cdef void post_recv(Worker *w, Pair *p, int d) noexcept nogil:
     sqe.opcode = UR_OP_RECV
     sqe.fd = p.fd[d]
     sqe.flags = UR_SQE_BUFFER_SELECT
-    sqe.buf_group = BGID
+    sqe.buf_group = p.group[d]
     sqe.user_data = <uint64_t>p | (T_RECV + d)
     p.refs += 1
 
@@ -146,6 +159,16 @@ cdef void post_cancel(Worker *w, int fd) noexcept nogil:
     sqe.opcode = UR_OP_ASYNC_CANCEL
     sqe.fd = fd
     sqe.op_flags = UR_CANCEL_FD | UR_CANCEL_ALL
+    sqe.user_data = T_IGNORE
+
+
+cdef void post_close(Worker *w, int fd) noexcept nogil:
+    # close() in the next io_uring_enter instead of a system call of its own (a socket has
+    # no flush, so the ring closes it inline); a completion only if it fails
+    cdef ur_sqe *sqe = get_sqe(w)
+    sqe.opcode = UR_OP_CLOSE
+    sqe.fd = fd
+    sqe.flags = UR_SQE_CQE_SKIP_SUCCESS
     sqe.user_data = T_IGNORE
 
 
@@ -175,9 +198,9 @@ cdef void settle(Worker *w, Pair *p) noexcept nogil:
     cdef Record *r
     if p.refs or p.starved[0] or p.starved[1] or not (p.failed or (p.done[0] and p.done[1])):
         return
-    c.close(p.fd[0])
+    post_close(w, p.fd[0])
     if p.fd[1] >= 0:
-        c.close(p.fd[1])
+        post_close(w, p.fd[1])
     if p.prev:
         p.prev.next = p.next
     else:
@@ -227,18 +250,22 @@ cdef void on_accept(Worker *w, int fd) noexcept nogil:
 
 cdef void on_recv(Worker *w, Pair *p, int d, int res, uint32_t flags) noexcept nogil:
     cdef ur_sqe *sqe
-    cdef int bid
+    cdef int bid, g = p.group[d]
     if res > 0:
         bid = flags >> UR_CQE_BUFFER_SHIFT
         p.nbytes[d] += res
         if p.failed:
-            recycle(w, bid)
+            recycle(w, g, bid)
             return
-        p.bid[d], p.sending[d] = bid, res
+        p.bid[d], p.sgroup[d], p.sending[d] = bid, g, res
+        # a direction that fills a small buffer moves to the big ones, and back when a
+        # big one gets no more than a small one holds
+        if w.pool[BIG].count:
+            p.group[d] = BIG if <uint32_t>res >= w.pool[SMALL].size else SMALL
         sqe = get_sqe(w)
         sqe.opcode = UR_OP_SEND
         sqe.fd = p.fd[1 - d]
-        sqe.addr = <uint64_t>(w.mem + <size_t>bid * w.buf_size)
+        sqe.addr = <uint64_t>buffer(w, g, bid)
         sqe.len = res
         sqe.op_flags = c.MSG_NOSIGNAL | MSG_WAITALL
         sqe.flags = UR_SQE_IO_LINK  # the next recv starts once the send is complete
@@ -247,10 +274,15 @@ cdef void on_recv(Worker *w, Pair *p, int d, int res, uint32_t flags) noexcept n
         post_recv(w, p, d)
     elif res == 0:
         p.done[d] = 1
-        if not p.failed:
+        # the other direction ended already: the close right after sends the same FIN
+        if not p.failed and not p.done[1 - d]:
             c.shutdown(p.fd[1 - d], c.SHUT_WR)
+    elif res == -c.ENOBUFS and g == BIG and not p.failed:
+        p.group[d] = SMALL  # the big buffers are all being sent: a small one will do
+        post_recv(w, p, d)
     elif res == -c.ENOBUFS and not p.failed:
         p.starved[d] = 1  # every buffer is being sent: retried when one comes back
+        w.starved += 1
         p.starved_next[d] = w.starved_head[d]
         w.starved_head[d] = p
     elif res != -c.ECANCELED:
@@ -258,7 +290,7 @@ cdef void on_recv(Worker *w, Pair *p, int d, int res, uint32_t flags) noexcept n
 
 
 cdef void on_send(Worker *w, Pair *p, int d, int res) noexcept nogil:
-    recycle(w, p.bid[d])
+    recycle(w, p.sgroup[d], p.bid[d])
     p.bid[d] = -1
     if res < 0 or <uint32_t>res != p.sending[d]:
         fail(w, p, R_ERROR, -res if res < 0 else c.EPIPE)
@@ -350,7 +382,7 @@ cdef int loop(Worker *w) noexcept nogil:
                 w.recycled or w.stopping):
             feed_starved(w)
         w.recycled = 0
-    return 0
+    return flush(w, 0)  # the last pairs' closes
 
 
 include "relay/_uring_ring.pxi"

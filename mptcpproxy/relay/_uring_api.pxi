@@ -16,8 +16,7 @@ def _sockaddr(host: str, port: int) -> tuple[int, bytes]:
 cdef class _Worker:
     cdef Worker *w
 
-    def __cinit__(self, int lfd, int family, bytes addr, int proto, uint32_t buf_count,
-                  uint32_t buf_size):
+    def __cinit__(self, int lfd, int family, bytes addr, int proto, tuple pools):
         self.w = <Worker *>calloc(1, sizeof(Worker))
         if self.w == NULL:
             raise MemoryError()
@@ -27,7 +26,8 @@ cdef class _Worker:
         if self.w.records == NULL:
             raise MemoryError()
         self.w.lfd, self.w.family, self.w.proto = lfd, family, proto
-        self.w.buf_count, self.w.buf_size = buf_count, buf_size
+        for i, (count, size) in enumerate(pools):
+            self.w.pool[i].count, self.w.pool[i].size = count, size
         memcpy(self.w.upstream.raw, <char *>addr, len(addr))
         self.w.upstream_len = len(addr)
         self.w.efd = c.eventfd(0, c.EFD_CLOEXEC)
@@ -78,7 +78,8 @@ cdef class _Worker:
 
     @property
     def counters(self):
-        return self.w.accepted, self.w.finished, self.w.enters, self.w.dropped
+        return (self.w.accepted, self.w.finished, self.w.enters, self.w.dropped,
+                self.w.starved)
 
 
 class Uring:
@@ -86,14 +87,18 @@ class Uring:
     `listener` (a listening socket, not owned) to `upstream` (host, port); MPTCP upstream
     sockets with mptcp=True. start(), then stop() (cancels and closes every pair)."""
 
-    def __init__(self, listener, upstream, *, mptcp=False, workers=0, buf_count=256,
-                 buf_size=64 << 10):
-        if buf_count & (buf_count - 1) or not 1 <= buf_count <= 32768:
-            raise ValueError("buf_count must be a power of two up to 32768")
+    def __init__(self, listener, upstream, *, mptcp=False, workers=0,
+                 small=(256, 16 << 10), big=(8, 512 << 10)):
+        for what, (count, size) in (("small", small), ("big", big)):
+            if count & (count - 1) or not 0 <= count <= 32768 or size <= 0:
+                raise ValueError(f"{what}: (count, size) with count a power of two up to "
+                                 "32768 (0: no big buffers)")
+        if not small[0]:
+            raise ValueError("small: at least one buffer")
         family, addr = _sockaddr(*upstream)
         proto = IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
         n = workers or len(os.sched_getaffinity(0))
-        self._workers = [_Worker(listener.fileno(), family, addr, proto, buf_count, buf_size)
+        self._workers = [_Worker(listener.fileno(), family, addr, proto, (small, big))
                          for _ in range(n)]
         self._threads = []
         self._errors = []
@@ -131,7 +136,8 @@ class Uring:
 
     @property
     def counters(self):
-        """(accepted, finished, io_uring_enter calls, records dropped), summed."""
+        """(accepted, finished, io_uring_enter calls, records dropped, recvs that found no
+        free buffer), summed over the workers."""
         return tuple(sum(x) for x in zip(*(w.counters for w in self._workers)))
 
 
@@ -142,7 +148,7 @@ def probe():
     cdef int ret
     memset(&w, 0, sizeof(w))
     w.ring = -1
-    w.buf_count, w.buf_size = 2, 4096
+    w.pool[SMALL].count, w.pool[SMALL].size = 2, 4096
     ret = ring_open(&w)
     ring_close(&w)
     if ret < 0:

@@ -5,9 +5,9 @@ cdef int ring_open(Worker *w) noexcept nogil:
     # The ring, its three mappings and the provided buffers; -errno on failure (the caller
     # then runs ring_close, which undoes what was done).
     cdef ur_params p
-    cdef ur_buf_reg reg
     cdef char *sq
     cdef uint32_t i
+    cdef int ret
     memset(&p, 0, sizeof(p))
     p.flags = (UR_SETUP_CQSIZE | UR_SETUP_SUBMIT_ALL | UR_SETUP_SINGLE_ISSUER
                | UR_SETUP_DEFER_TASKRUN)
@@ -45,24 +45,37 @@ cdef int ring_open(Worker *w) noexcept nogil:
     w.cq_tail = <uint32_t *>(sq + p.cq_off.tail)
     w.cq_mask = (<uint32_t *>(sq + p.cq_off.ring_mask))[0]
     w.cqes = <ur_cqe *>(sq + p.cq_off.cqes)
-    w.bufs = <ur_buf *>mmap(NULL, w.buf_count * sizeof(ur_buf), PROT_READ | PROT_WRITE,
-                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    if <void *>w.bufs == MAP_FAILED:
-        w.bufs = NULL
+    for i in range(2):
+        if w.pool[i].count:
+            ret = pool_open(w, i)
+            if ret < 0:
+                return ret
+    return 0
+
+
+cdef int pool_open(Worker *w, int g) noexcept nogil:
+    # Buffer group g: its ring and buffers mapped, registered, every buffer in the ring.
+    cdef Pool *pool = &w.pool[g]
+    cdef ur_buf_reg reg
+    cdef uint32_t i
+    pool.ring = <ur_buf *>mmap(NULL, pool.count * sizeof(ur_buf), PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if <void *>pool.ring == MAP_FAILED:
+        pool.ring = NULL
         return -c.errno
-    w.mem = <char *>mmap(NULL, <size_t>w.buf_count * w.buf_size, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    if <void *>w.mem == MAP_FAILED:
-        w.mem = NULL
+    pool.mem = <char *>mmap(NULL, <size_t>pool.count * pool.size, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if <void *>pool.mem == MAP_FAILED:
+        pool.mem = NULL
         return -c.errno
     memset(&reg, 0, sizeof(reg))
-    reg.ring_addr = <uint64_t>w.bufs
-    reg.ring_entries = w.buf_count
-    reg.bgid = BGID
+    reg.ring_addr = <uint64_t>pool.ring
+    reg.ring_entries = pool.count
+    reg.bgid = <uint16_t>g
     if ur_register(w.ring, UR_REGISTER_PBUF_RING, &reg, 1) < 0:
         return -c.errno
-    for i in range(w.buf_count):
-        recycle(w, i)
+    for i in range(pool.count):
+        recycle(w, g, i)
     return 0
 
 
@@ -77,9 +90,10 @@ cdef void ring_close(Worker *w) noexcept nogil:
     if w.sq_map != NULL:
         munmap(w.sq_map, w.sq_map_len)
         w.sq_map = NULL
-    if w.mem != NULL:
-        munmap(w.mem, <size_t>w.buf_count * w.buf_size)
-        w.mem = NULL
-    if w.bufs != NULL:
-        munmap(w.bufs, w.buf_count * sizeof(ur_buf))
-        w.bufs = NULL
+    for i in range(2):
+        if w.pool[i].mem != NULL:
+            munmap(w.pool[i].mem, <size_t>w.pool[i].count * w.pool[i].size)
+            w.pool[i].mem = NULL
+        if w.pool[i].ring != NULL:
+            munmap(w.pool[i].ring, w.pool[i].count * sizeof(ur_buf))
+            w.pool[i].ring = NULL

@@ -60,7 +60,7 @@ cdef extern from *:
     _Static_assert(sizeof(struct ur_buf_reg) == 40, "io_uring_buf_reg is 40 bytes");
 
     enum {
-        UR_OP_NOP = 0, UR_OP_ACCEPT = 13, UR_OP_ASYNC_CANCEL = 14, UR_OP_CONNECT = 16,
+        UR_OP_NOP = 0, UR_OP_ACCEPT = 13, UR_OP_CLOSE = 19, UR_OP_ASYNC_CANCEL = 14, UR_OP_CONNECT = 16,
         UR_OP_READ = 22, UR_OP_SEND = 26, UR_OP_RECV = 27, UR_OP_SHUTDOWN = 34,
         UR_OP_SOCKET = 45,
         UR_SQE_IO_LINK = 1 << 2, UR_SQE_BUFFER_SELECT = 1 << 5,
@@ -145,7 +145,7 @@ cdef extern from *:
         uint16_t flags
 
     enum:
-        UR_OP_NOP, UR_OP_ACCEPT, UR_OP_ASYNC_CANCEL, UR_OP_CONNECT, UR_OP_READ, UR_OP_SEND
+        UR_OP_NOP, UR_OP_ACCEPT, UR_OP_CLOSE, UR_OP_ASYNC_CANCEL, UR_OP_CONNECT, UR_OP_READ, UR_OP_SEND
         UR_OP_RECV, UR_OP_SHUTDOWN, UR_OP_SOCKET
         UR_SQE_IO_LINK, UR_SQE_BUFFER_SELECT, UR_SQE_CQE_SKIP_SUCCESS
         UR_ACCEPT_MULTISHOT, UR_RECV_MULTISHOT, UR_CANCEL_ALL, UR_CANCEL_FD
