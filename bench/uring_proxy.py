@@ -3,9 +3,10 @@ listen on PORT, relay every connection to HOST:PORT, until SIGTERM or SIGINT.
 
     python bench/uring_proxy.py LISTEN_PORT UPSTREAM_HOST:PORT [--mptcp-listen]
         [--mptcp-upstream] [--workers N] [--small COUNTxBYTES] [--big COUNTxBYTES]
+        [--multishot-accept]
 
-The buffer pools default to URING_SMALL / URING_BIG from the environment when set (a lever
-run changes them without another peer), else to the engine's own defaults.
+The buffer pools and the accept default to URING_SMALL / URING_BIG / URING_MULTISHOT_ACCEPT
+from the environment when set (a lever run changes them without another peer).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--small", type=pool, default=os.environ.get("URING_SMALL", "256x16384"))
     p.add_argument("--big", type=pool, default=os.environ.get("URING_BIG", "8x524288"))
+    # one multishot accept per worker: the first worker's stays first in the listener's
+    # queue and takes every connection; single-shot ones (the default) take turns
+    p.add_argument("--multishot-accept", action="store_true",
+                   default=os.environ.get("URING_MULTISHOT_ACCEPT") == "1")
     args = p.parse_args(argv)
     if why := probe():
         print(f"uring_proxy: {why}", file=sys.stderr)
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind((args.bind, args.port))
     listener.listen(4096)
     relay = Uring(listener, (host.strip("[]"), int(port)), mptcp=args.mptcp_upstream,
-                  workers=args.workers, small=args.small, big=args.big)
+                  workers=args.workers, small=args.small, big=args.big,
+                  multishot_accept=args.multishot_accept)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

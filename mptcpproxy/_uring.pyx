@@ -1,6 +1,7 @@
 # An experimental relay engine on io_uring (issue 16's last lever), built as
 # mptcpproxy.relay._uring when the compiler allows it. One ring per worker thread, the
-# whole loop inside `with nogil`: a multishot accept on the shared listener, an upstream
+# whole loop inside `with nogil`: an accept on the shared listener (single-shot by default:
+# a multishot one stays first in the listener's queue and gets every client), an upstream
 # socket connected through the ring, then each direction as recv (a buffer picked by the
 # kernel from the worker's provided-buffer ring) -> send linked to the next recv, so one
 # io_uring_enter() carries a direction's send and its next receive. EOF: shutdown(SHUT_WR)
@@ -76,7 +77,7 @@ cdef struct Pool:
 
 
 cdef struct Worker:
-    int ring, lfd, efd, family, proto, stopping, accepting
+    int ring, lfd, efd, family, proto, stopping, accepting, multishot_accept
     ur_sqe *sqes
     uint32_t *sq_head
     uint32_t *sq_tail
@@ -176,7 +177,7 @@ cdef void post_accept(Worker *w) noexcept nogil:
     cdef ur_sqe *sqe = get_sqe(w)
     sqe.opcode = UR_OP_ACCEPT
     sqe.fd = w.lfd
-    sqe.ioprio = UR_ACCEPT_MULTISHOT
+    sqe.ioprio = UR_ACCEPT_MULTISHOT if w.multishot_accept else 0
     sqe.op_flags = c.SOCK_CLOEXEC
     sqe.user_data = T_ACCEPT
     w.accepting = 1

@@ -16,7 +16,8 @@ def _sockaddr(host: str, port: int) -> tuple[int, bytes]:
 cdef class _Worker:
     cdef Worker *w
 
-    def __cinit__(self, int lfd, int family, bytes addr, int proto, tuple pools):
+    def __cinit__(self, int lfd, int family, bytes addr, int proto, tuple pools,
+                  bint multishot_accept):
         self.w = <Worker *>calloc(1, sizeof(Worker))
         if self.w == NULL:
             raise MemoryError()
@@ -26,6 +27,7 @@ cdef class _Worker:
         if self.w.records == NULL:
             raise MemoryError()
         self.w.lfd, self.w.family, self.w.proto = lfd, family, proto
+        self.w.multishot_accept = multishot_accept
         for i, (count, size) in enumerate(pools):
             self.w.pool[i].count, self.w.pool[i].size = count, size
         memcpy(self.w.upstream.raw, <char *>addr, len(addr))
@@ -88,7 +90,7 @@ class Uring:
     sockets with mptcp=True. start(), then stop() (cancels and closes every pair)."""
 
     def __init__(self, listener, upstream, *, mptcp=False, workers=0,
-                 small=(256, 16 << 10), big=(8, 512 << 10)):
+                 small=(256, 16 << 10), big=(8, 512 << 10), multishot_accept=False):
         for what, (count, size) in (("small", small), ("big", big)):
             if count & (count - 1) or not 0 <= count <= 32768 or size <= 0:
                 raise ValueError(f"{what}: (count, size) with count a power of two up to "
@@ -98,7 +100,8 @@ class Uring:
         family, addr = _sockaddr(*upstream)
         proto = IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
         n = workers or len(os.sched_getaffinity(0))
-        self._workers = [_Worker(listener.fileno(), family, addr, proto, (small, big))
+        self._workers = [_Worker(listener.fileno(), family, addr, proto, (small, big),
+                                 multishot_accept)
                          for _ in range(n)]
         self._threads = []
         self._errors = []
