@@ -102,14 +102,14 @@ def _pair(env: dict[str, str], *extra: str) -> Callable[[Session, int], Started]
 URING = [PY, str(ROOT / "bench" / "uring_proxy.py")]
 
 
-def _uring(pair: bool) -> Callable[[Session, int], Started]:
+def _uring(pair: bool, *extra: str) -> Callable[[Session, int], Started]:
     """The io_uring prototype engine (bench/uring_proxy.py): TCP->TCP, or as a pair whose
     middle leg is MPTCP (the client side connects with MPTCP, the server side listens)."""
     def start(s: Session, target: int) -> Started:
         port = s.port()
         if not pair:
-            return Started(port, [s.proxy([*URING, str(port), f"127.0.0.1:{target}"], port,
-                                          "uring")])
+            return Started(port, [s.proxy([*URING, str(port), f"127.0.0.1:{target}", *extra],
+                                          port, "uring")])
         server_port = s.port()
         server = s.proxy([*URING, str(server_port), f"127.0.0.1:{target}", "--mptcp-listen"],
                          server_port, "uring-server")
@@ -280,4 +280,7 @@ PEERS = [
     Peer("uring", _uring(pair=False), check=_uring_check, optional=True),
     Peer("uring-pair", _uring(pair=True), check=_uring_check, groups=("tput", "echo"),
          optional=True),
+    # one multishot accept per worker: the first worker takes every connection
+    Peer("uring-ms", _uring(False, "--multishot-accept"), check=_uring_check,
+         groups=("echo",), optional=True),
 ]

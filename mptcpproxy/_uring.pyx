@@ -52,7 +52,6 @@ cdef struct Pair:
     int bid[2]           # the buffer direction d is sending, -1: none
     int group[2]         # the buffer group of direction d's next (or pending) recv
     int sgroup[2]        # and of the buffer it is sending
-    uint32_t sending[2]  # its length
     int starved[2]       # waiting for a free buffer (the recv met -ENOBUFS)
     uint64_t nbytes[2]
     Pair *prev
@@ -252,13 +251,18 @@ cdef void on_accept(Worker *w, int fd) noexcept nogil:
 cdef void on_recv(Worker *w, Pair *p, int d, int res, uint32_t flags) noexcept nogil:
     cdef ur_sqe *sqe
     cdef int bid, g = p.group[d]
+    if p.bid[d] >= 0:
+        # this recv was linked behind a send, which succeeded (a failed one cancels its
+        # link without a completion): its buffer is free again
+        recycle(w, p.sgroup[d], p.bid[d])
+        p.bid[d] = -1
     if res > 0:
         bid = flags >> UR_CQE_BUFFER_SHIFT
         p.nbytes[d] += res
         if p.failed:
             recycle(w, g, bid)
             return
-        p.bid[d], p.sgroup[d], p.sending[d] = bid, g, res
+        p.bid[d], p.sgroup[d] = bid, g
         # a direction that fills a small buffer moves to the big ones, and back when a
         # big one gets no more than a small one holds
         if w.pool[BIG].count:
@@ -268,10 +272,11 @@ cdef void on_recv(Worker *w, Pair *p, int d, int res, uint32_t flags) noexcept n
         sqe.fd = p.fd[1 - d]
         sqe.addr = <uint64_t>buffer(w, g, bid)
         sqe.len = res
+        # all of it or a failure (MSG_WAITALL); the next recv starts once it is complete;
+        # no completion when it succeeds: one io_uring_enter per event, not two
         sqe.op_flags = c.MSG_NOSIGNAL | MSG_WAITALL
-        sqe.flags = UR_SQE_IO_LINK  # the next recv starts once the send is complete
+        sqe.flags = UR_SQE_IO_LINK | UR_SQE_CQE_SKIP_SUCCESS
         sqe.user_data = <uint64_t>p | (T_SEND + d)
-        p.refs += 1
         post_recv(w, p, d)
     elif res == 0:
         p.done[d] = 1
@@ -291,10 +296,13 @@ cdef void on_recv(Worker *w, Pair *p, int d, int res, uint32_t flags) noexcept n
 
 
 cdef void on_send(Worker *w, Pair *p, int d, int res) noexcept nogil:
+    # Only a failed (or short) send completes (IOSQE_CQE_SKIP_SUCCESS); the kernel then
+    # cancels the recv linked behind it without a completion (REQ_F_SKIP_LINK_CQES): that
+    # recv is over, and the buffer is free.
     recycle(w, p.sgroup[d], p.bid[d])
     p.bid[d] = -1
-    if res < 0 or <uint32_t>res != p.sending[d]:
-        fail(w, p, R_ERROR, -res if res < 0 else c.EPIPE)
+    p.refs -= 1
+    fail(w, p, R_ERROR, -res if res < 0 else c.EPIPE)
 
 
 cdef void feed_starved(Worker *w) noexcept nogil:
@@ -336,7 +344,8 @@ cdef void on_cqe(Worker *w, ur_cqe *cqe) noexcept nogil:
                 fail(w, p, R_STOPPED, c.ECANCELED)
                 p = p.next
         return
-    p.refs -= 1
+    if tag < T_SEND:
+        p.refs -= 1  # a send is counted by the recv linked behind it (on_send)
     if tag == T_CONNECT:
         if res < 0:
             fail(w, p, R_FAILED, -res)

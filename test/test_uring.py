@@ -4,8 +4,10 @@ many connections, stop() with pairs open, and no fd left behind (the autouse fix
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
+import struct
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -224,6 +226,27 @@ def test_refused_upstream_closes_the_client():
         relay.stop()
         listener.close()
     assert records == [(0, 0, "failed", 111)]
+
+
+def test_upstream_reset_mid_transfer(relay_to):
+    """The server resets the connection while the client is still sending: the relay's
+    send fails, the pair ends as an error (ECONNRESET or EPIPE) and the client's
+    connection ends too."""
+    def reset_early(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    addr, relay = relay_to(Upstream(reset_early))
+    with socket.create_connection(addr, timeout=TIMEOUT) as c:
+        try:
+            c.sendall(blob(6, 32 * MiB))
+            assert c.recv(10) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    [(up, down, reason, err)] = finished(relay, 1)
+    assert (reason, down) == ("error", 0)
+    assert err in (errno.ECONNRESET, errno.EPIPE)
+    assert up >= 1024
 
 
 def test_stop_closes_open_pairs():

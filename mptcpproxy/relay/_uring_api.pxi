@@ -157,3 +157,4 @@ def probe():
     if ret < 0:
         return f"the kernel refuses io_uring here: {os.strerror(-ret)}"
     return None
+
