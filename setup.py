@@ -36,15 +36,19 @@ extensions = [
         extra_compile_args=cflags,
         extra_link_args=["-fsanitize=address"] if ASAN else [],
     ),
-    # the experimental io_uring engine (issue 16): optional, a compiler that cannot build
-    # it leaves it out and the build goes on
+    # the experimental io_uring engine (issue 16): optional, see below
     Extension(
         "mptcpproxy.relay._uring",
         ["mptcpproxy/_uring.pyx"],
         extra_compile_args=cflags,
         extra_link_args=["-fsanitize=address"] if ASAN else [],
-        optional=True,
     ),
 ]
+OPTIONAL = {"mptcpproxy.relay._uring"}
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=False))
+modules = cythonize(extensions, compiler_directives=directives, annotate=False)
+for module in modules:
+    # a compiler that cannot build an optional module leaves it out (a warning) and the
+    # build goes on; set here because cythonize() does not carry `optional` over
+    module.optional = module.name in OPTIONAL
+setup(ext_modules=modules)
