@@ -35,7 +35,20 @@ extensions = [
         ["mptcpproxy/_relay.pyx"],  # the package's agreed place; its includes and .pxd in relay/
         extra_compile_args=cflags,
         extra_link_args=["-fsanitize=address"] if ASAN else [],
-    )
+    ),
+    # the experimental io_uring engine (issue 16): optional, see below
+    Extension(
+        "mptcpproxy.relay._uring",
+        ["mptcpproxy/_uring.pyx"],
+        extra_compile_args=cflags,
+        extra_link_args=["-fsanitize=address"] if ASAN else [],
+    ),
 ]
+OPTIONAL = {"mptcpproxy.relay._uring"}
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=False))
+modules = cythonize(extensions, compiler_directives=directives, annotate=False)
+for module in modules:
+    # a compiler that cannot build an optional module leaves it out (a warning) and the
+    # build goes on; set here because cythonize() does not carry `optional` over
+    module.optional = module.name in OPTIONAL
+setup(ext_modules=modules)

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.groups = tuple(args.groups.split(","))
     if args.peers:
         plan.peers = tuple(args.peers.split(","))
-    peers = [pe for pe in PEERS if not plan.peers or pe.key in plan.peers]
+    peers = [pe for pe in PEERS if pe.key in plan.peers or not (plan.peers or pe.optional)]
     peers += [variant_peer(spec) for spec in args.variant]
     skipped: dict[str, str] = {}
     for pe in list(peers):

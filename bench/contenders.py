@@ -13,6 +13,7 @@ from common import (
     NS_SYSCTLS,
     PROXY,
     PROXY_ENV,
+    PY,
     ROOT,
     TWIN,
     TWIN_ENV,
@@ -96,6 +97,39 @@ def _pair(env: dict[str, str], *extra: str) -> Callable[[Session, int], Started]
                          "client-proxy", env)
         return Started(client_port, [client, server])
     return start
+
+
+URING = [PY, str(ROOT / "bench" / "uring_proxy.py")]
+
+
+def _uring(pair: bool, *extra: str) -> Callable[[Session, int], Started]:
+    """The io_uring prototype engine (bench/uring_proxy.py): TCP->TCP, or as a pair whose
+    middle leg is MPTCP (the client side connects with MPTCP, the server side listens)."""
+    def start(s: Session, target: int) -> Started:
+        port = s.port()
+        if not pair:
+            return Started(port, [s.proxy([*URING, str(port), f"127.0.0.1:{target}", *extra],
+                                          port, "uring")])
+        server_port = s.port()
+        server = s.proxy([*URING, str(server_port), f"127.0.0.1:{target}", "--mptcp-listen"],
+                         server_port, "uring-server")
+        client = s.proxy([*URING, str(port), f"127.0.0.1:{server_port}", "--mptcp-upstream"],
+                         port, "uring-client")
+        return Started(port, [client, server])
+    return start
+
+
+def _uring_check() -> str | None:
+    """None when the io_uring prototype is built and the kernel lets it run."""
+    probe = "from mptcpproxy.relay._uring import probe; print(probe() or '')"
+    try:
+        res = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **PROXY_ENV})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the io_uring probe failed: {exc}"
+    if res.returncode:
+        return "mptcpproxy.relay._uring is not built here"
+    return res.stdout.strip() or None
 
 
 def _has_flag(flag: str) -> Callable[[], str | None]:
@@ -215,6 +249,7 @@ class Peer:
     spins: bool = False  # busy even when idle: stopped as soon as it was measured
     # None when it can run here, else why it is skipped (checked once, at the start)
     check: Callable[[], str | None] | None = None
+    optional: bool = False  # only in a run whose --peers names it
 
 
 PATH_STATS_OFF = "--no-path-stats"
@@ -241,4 +276,11 @@ PEERS = [
     Peer("pair-no-paths", _pair(PROXY_ENV, PATH_STATS_OFF), groups=("tput", "echo"),
          check=_has_flag(PATH_STATS_OFF)),
     Peer("haproxy-pair", _haproxy_pair, "mptcpize", groups=("tput", "echo")),
+    # issue 16's io_uring prototype (bench/uring_proxy.py): measured only when asked for
+    Peer("uring", _uring(pair=False), check=_uring_check, optional=True),
+    Peer("uring-pair", _uring(pair=True), check=_uring_check, groups=("tput", "echo"),
+         optional=True),
+    # one multishot accept per worker: the first worker takes every connection
+    Peer("uring-ms", _uring(False, "--multishot-accept"), check=_uring_check,
+         groups=("echo",), optional=True),
 ]

@@ -24,6 +24,9 @@ PEER_LABELS = {
     "socat": "socat",
     "pair-no-paths": "mptcpproxy pair --no-path-stats",
     "haproxy-pair": "HAProxy pair under mptcpize TCP→MPTCP→TCP",
+    "uring": "io_uring prototype TCP→TCP",
+    "uring-pair": "io_uring prototype pair TCP→MPTCP→TCP",
+    "uring-ms": "io_uring prototype, multishot accept",
     "tcp-1path": "one TCP path",
     "mptcp-direct": "MPTCP sockets (mptcpize)",
 }
