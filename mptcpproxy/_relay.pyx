@@ -196,6 +196,9 @@ cdef Done *put_done(WorkerState *w, int reason, int err) noexcept nogil:
         free(w.done)
         w.done = d
         w.done_cap *= 2
+    if w.ps_pool == NULL and w.ps_returned != NULL:
+        w.ps_pool = w.ps_returned  # the spare PathSets take() gave back
+        w.ps_returned = NULL
     d = &w.done[w.ndone]
     w.ndone += 1
     memset(d, 0, sizeof(Done))

@@ -29,6 +29,7 @@ cdef enum:
     MAX_LISTENERS = 128  # listening sockets a relay serves at once (Relay.listen)
     MAX_TAGS = 1024  # listener tags (the control plane's listener index): 0 .. MAX_TAGS-1
     MAX_PATHS = 9  # subflows kept per connection (_results.MAX_PATHS): the kernel allows 8 + 1
+    SMALL_PATHS = 2  # records of a new PathSet; spare ones of this size are reused
     MAX_ADDRS = 64  # local addresses a worker counts path bytes for; past that: "other"
     RTT_BOUNDS = 12  # buckets of the path RTT histogram (rtt_bounds_us in _relay_paths.pxi)
     PUBLISH_NS = 1000000000  # a worker publishes its open pairs (connections()) this often
@@ -55,12 +56,14 @@ cdef struct PathRec:
 
 
 cdef struct PathSet:
-    # The per-path state of one MPTCP pair (Relay(path_stats=True)), allocated at its first
-    # sample; it moves to the pair's report (Done) at the end. Only `cap` records are
-    # allocated (pathset_size), grown up to MAX_PATHS as subflows come: most connections
-    # never have more than two.
+    # The per-path state of one MPTCP pair (Relay(path_stats=True)), taken at its first
+    # sample from the worker's spare ones or allocated; it moves to the pair's report
+    # (Done) at the end, take() copies it into the Result's PathList and gives it back to
+    # the worker (ps_returned). Only `cap` records are allocated (pathset_size), grown up
+    # to MAX_PATHS as subflows come: most connections never have more than two.
     int n  # records in use
     int cap  # records allocated
+    PathSet *next_free  # in a worker's chain of spare sets (ps_pool, ps_returned)
     PathRec other  # id 0: bytes the samples could not give to one subflow
     uint64_t mptcp_sent  # the connection's mptcpi_bytes_* at the last sample
     uint64_t mptcp_received
@@ -231,6 +234,11 @@ cdef struct WorkerState:
     int done_cap
     Done *spare
     int spare_cap
+    # Spare PathSets of SMALL_PATHS records: no malloc() in the worker nor free() in the
+    # control thread per MPTCP pair. take() chains the ones it copied onto ps_returned
+    # (under out_lock); put_done() moves them to ps_pool (the worker's own) when it is empty.
+    PathSet *ps_pool
+    PathSet *ps_returned
     int notify_pending
     int64_t last_notify
     int64_t now

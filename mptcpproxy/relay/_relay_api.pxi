@@ -63,6 +63,8 @@ cdef class _Worker:
         cdef int n, cap, i
         cdef Done *d
         cdef PathSet *ps
+        cdef PathSet *back = NULL  # copied into their PathList: spares for the worker
+        cdef PathSet *back_last = NULL
         c.pthread_mutex_lock(&self.w.out_lock)
         taken, n, cap = self.w.done, self.w.ndone, self.w.done_cap
         self.w.done, self.w.ndone, self.w.done_cap = self.w.spare, 0, self.w.spare_cap
@@ -80,12 +82,25 @@ cdef class _Worker:
             if ps != NULL:
                 totals = (ps.mptcp_sent, ps.mptcp_received, ps.mptcp_retrans)
             # tuple.__new__: not the namedtuple's Python-level __new__ (one per connection)
+            paths = paths_of(ps)
+            if ps != NULL and ps.cap == SMALL_PATHS:
+                ps.next_free = back
+                back = ps
+                if back_last == NULL:
+                    back_last = ps
+            else:
+                free(ps)
             out.append(_new_tuple(Result, (
                 d.conn_id, d.bytes_ab, d.bytes_ba, d.duration_ns / 1e9,
                 REASONS[d.reason], d.err, bool(d.is_mptcp), d.subflows, client, d.tag,
-                wrap_paths(ps), *totals,
+                paths, *totals,
             )))
         self.w.spare, self.w.spare_cap = taken, cap
+        if back != NULL:
+            c.pthread_mutex_lock(&self.w.out_lock)
+            back_last.next_free = self.w.ps_returned
+            self.w.ps_returned = back
+            c.pthread_mutex_unlock(&self.w.out_lock)
 
     cdef void connections(self, list out, int64_t now):
         # Copy what the worker last published under pub_lock, then build the ConnStats.
@@ -232,6 +247,8 @@ cdef class _Worker:
         free(self.w.scratch)
         for i in range(self.w.ndone):
             free(self.w.done[i].ps)  # reports never collected
+        free_pathsets(self.w.ps_pool)
+        free_pathsets(self.w.ps_returned)
         free(self.w.done)
         free(self.w.spare)
         free(self.w.pub.conns)

@@ -1,7 +1,8 @@
-# Included by _relay.pyx: a finished pair's paths as Result.paths. The report hands its
-# PathSet over as it is (PathList owns it): the PathStat tuples are built only when someone
-# reads them (a JSON log, a test), and the end line's "paths=" text is formatted here in
-# C. In Python the two cost about 2.5 us per MPTCP connection, half of what the proxy
+# Included by _relay.pyx: a finished pair's paths as Result.paths. The PathList holds a
+# copy of the report's PathSet inside itself (no allocation: a free list of PathLists;
+# take() gives the PathSet back to the worker): the PathStat tuples are built only when
+# someone reads them (a JSON log, a test), and the end line's "paths=" text is formatted
+# here in C. In Python the two cost about 2.5 us per MPTCP connection, half of what the proxy
 # spends on one in the control thread (bench/README.md, "per-path sampling on and off").
 # The rule is connlog.path_shares(): the pure-Python twin's Results go through it, and
 # test_paths_unit checks the two give the same text.
@@ -38,25 +39,6 @@ cdef inline uint64_t percent(uint64_t n, uint64_t total) noexcept nogil:
     return q
 
 
-cdef size_t put_host(char *out, size_t at, Addr *a) noexcept nogil:
-    # "192.0.2.1" or "[2001:db8::1]" at out[at:] (nothing for an unknown family).
-    cdef char buf[c.INET6_ADDRSTRLEN]
-    cdef size_t n
-    if (a.family != c.AF_INET and a.family != c.AF_INET6) or c.inet_ntop(
-            a.family, a.addr, buf, sizeof(buf)) == NULL:
-        return at
-    n = strlen(buf)
-    if a.family == c.AF_INET6:
-        out[at] = b'['
-        at += 1
-    memcpy(out + at, buf, n)
-    at += n
-    if a.family == c.AF_INET6:
-        out[at] = b']'
-        at += 1
-    return at
-
-
 cdef size_t put_uint(char *out, size_t at, uint64_t v) noexcept nogil:
     cdef char digits[20]
     cdef int k = 0
@@ -71,6 +53,29 @@ cdef size_t put_uint(char *out, size_t at, uint64_t v) noexcept nogil:
         out[at] = digits[k]
         at += 1
     return at
+
+
+cdef size_t put_host(char *out, size_t at, Addr *a) noexcept nogil:
+    # "192.0.2.1" or "[2001:db8::1]" at out[at:] (nothing for an unknown family). IPv4
+    # by hand: glibc's inet_ntop() formats it with sprintf(), a third of the text's cost.
+    cdef char buf[c.INET6_ADDRSTRLEN]
+    cdef size_t n
+    cdef int k
+    if a.family == c.AF_INET:
+        for k in range(4):
+            if k:
+                out[at] = b'.'
+                at += 1
+            at = put_uint(out, at, a.addr[k])
+        return at
+    if a.family != c.AF_INET6 or c.inet_ntop(
+            a.family, a.addr, buf, sizeof(buf)) == NULL:
+        return at
+    n = strlen(buf)
+    out[at] = b'['
+    memcpy(out + at + 1, buf, n)
+    out[at + n + 1] = b']'
+    return at + n + 2
 
 
 cdef size_t format_paths(PathSet *ps, char *out) noexcept nogil:
@@ -121,13 +126,10 @@ cdef class PathList:
     """Result.paths of the compiled engine: a sequence of PathStat (equal to the tuple of
     them, built on first use) and `text`, the end line's paths= value."""
 
-    cdef PathSet *ps  # owned; NULL only in a PathList() made from Python (no paths)
+    cdef PathSet *ps  # &self.held; NULL only in a PathList() made from Python (no paths)
+    cdef PathSet held  # a copy of the report's PathSet (its `cap` records)
     cdef tuple items
     cdef str _text
-
-    def __dealloc__(self):
-        free(self.ps)
-        self.ps = NULL
 
     cdef tuple get(self):
         if self.items is None:
@@ -203,14 +205,13 @@ cdef class PathList:
 collections.abc.Sequence.register(PathList)
 
 
-cdef object wrap_paths(PathSet *ps):
-    # Result.paths for a report's PathSet, which it takes over (() when there is none).
+cdef object paths_of(PathSet *ps):
+    # Result.paths for a report's PathSet (() when there is none): a copy, the caller
+    # keeps ps.
     cdef PathList out
-    if ps == NULL:
-        return ()
     if path_count(ps) == 0:
-        free(ps)
         return ()
     out = PathList.__new__(PathList)
-    out.ps = ps
+    memcpy(&out.held, ps, pathset_size(ps.cap))
+    out.ps = &out.held
     return out

@@ -82,6 +82,26 @@ cdef PathSet *new_pathset(int cap) noexcept nogil:
     return ps
 
 
+cdef PathSet *pool_pathset(WorkerState *w) noexcept nogil:
+    # A zeroed PathSet of SMALL_PATHS records: a spare one take() gave back, or a new one.
+    cdef PathSet *ps = w.ps_pool
+    if ps == NULL:
+        return new_pathset(SMALL_PATHS)
+    w.ps_pool = ps.next_free
+    memset(ps, 0, pathset_size(SMALL_PATHS))
+    ps.cap = SMALL_PATHS
+    return ps
+
+
+cdef void free_pathsets(PathSet *ps) noexcept nogil:
+    # A chain of spare PathSets (next_free).
+    cdef PathSet *nxt
+    while ps != NULL:
+        nxt = ps.next_free
+        free(ps)
+        ps = nxt
+
+
 cdef int path_slot(PathSet **pps, c.mptcp_subflow_info *sf) noexcept nogil:
     # The record of subflow sf.id: found, new (the set grown if need be: *pps may move), or
     # taking the place of a closed one (whose counts go to `other`); -1 when all
@@ -219,7 +239,7 @@ cdef int sample_paths(WorkerState *w, Pair *p, int fd) noexcept nogil:
                                               tcpi[i].tcpi_bytes_received):
             count += 1
     if p.ps == NULL:
-        p.ps = new_pathset(2)
+        p.ps = pool_pathset(w)
         if p.ps == NULL:
             return count  # out of memory: this pair goes without paths
     update_paths(w, &p.ps, &mfi.info, sfi, tcpi, n)
@@ -400,9 +420,7 @@ def _fold_samples(list samples):
                               *[w.addrs[i].rtt_count[k] for k in range(RTT_BOUNDS + 1)],
                               w.addrs[i].rtt_sum_us / 1e6]
         mptcp = (ps.mptcp_sent, ps.mptcp_received, ps.mptcp_retrans)
-        paths = wrap_paths(ps)  # Result.paths as take() gives it: it owns ps now
-        ps = NULL
-        return (counts, paths, mptcp, totals, w.reinjected)
+        return (counts, paths_of(ps), mptcp, totals, w.reinjected)  # as take() gives them
     finally:
         c.pthread_mutex_destroy(&w.pub_lock)
         free(ps)
