@@ -221,9 +221,10 @@ class Pump:
     def _eof(self, pair: _Pair, h: int) -> None:
         # Nothing is pending for the destination: half-close it now.
         # A sample at the MPTCP peer's DATA_FIN and at the second EOF, while the subflows
-        # are still listed (see _relay_pump.pxi, half_eof).
+        # are still listed, and at the other's for a pair with path data (see
+        # _relay_pump.pxi, half_eof).
         m = pair.mptcp_side
-        if m >= 0 and (h == m or pair.done[m]):
+        if m >= 0 and (h == m or pair.done[m] or pair.paths is not None):
             pair.sample_mptcp(self.acc)
         try:
             pair.socks[1 - h].shutdown(socket.SHUT_WR)
