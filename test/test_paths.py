@@ -263,6 +263,26 @@ def test_a_fast_close_keeps_the_last_sample_and_exact_totals(
     assert all(p.closed for p in client.paths)
 
 
+def test_a_reset_after_the_clients_eof_keeps_the_bytes_on_their_paths(
+        testbed: TestBed, engine, leg_factory) -> None:
+    """The client half-closes after 1.6 s (past the scan's periodic samples), the server
+    reads everything, then resets (iperf3's server does that): the kernel drops the
+    subflows' counts at the reset, so the last sample is the per-path record. The one at
+    the client's EOF holds nearly all the bytes (before: the last periodic sample, up to a
+    second old, and the rest under "closed subflows")."""
+    cli, srv, l1, _ = two_paths(testbed, rates=None)
+    leg = leg_factory(engine, cli, srv, l1.ip_b, server_relay=False)
+    sent = leg.send_for(1.6)
+    leg.resetting = True  # the server answers the EOF with a reset, not a FIN
+    leg.app.shutdown(socket.SHUT_WR)
+    wait_until(lambda: leg.received == sent, 20, "the bytes at the server")
+    leg.reset()
+    (client,) = leg.results(1)
+    assert client.reason == "reset" and client.mptcp_bytes_sent == sent
+    shares = dict(connlog.path_shares(client.paths))
+    assert shares.get("closed subflows", 0) < 10, connlog.paths_text(client.paths)
+
+
 def test_a_fallback_connection_reports_no_paths(testbed: TestBed, engine, leg_factory) -> None:
     cli, srv, l1, _ = two_paths(testbed, rates=None)
     leg = leg_factory(engine, cli, srv, l1.ip_b, server_relay=False, server_proto=0)

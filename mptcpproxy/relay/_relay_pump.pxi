@@ -107,10 +107,10 @@ cdef void half_eof(WorkerState *w, Pair *p, int h) noexcept nogil:
     # A sample at the MPTCP peer's DATA_FIN (all it sent has arrived in order) and at the
     # second EOF (all has moved both ways), while the kernel still lists the subflows:
     # after both DATA_FINs it may drop them. At the other peer's EOF while the MPTCP peer
-    # still sends, only a pair that has path data (it lived past the scan's first sample):
-    # if a reset ends it next (iperf3's server does that), the kernel's per-subflow counts
-    # are gone and the last sample is what is left; a short pair's next one comes at the
-    # latest at the second EOF.
+    # still sends, only a pair that has path data (it lived past the scan's first sample,
+    # or publish() sampled it): if a reset ends it next (iperf3's server does that), the
+    # kernel's per-subflow counts are gone and the last sample is what is left; most short
+    # pairs have none, and their next sample comes at the latest at the second EOF.
     if p.mptcp_side >= 0 and (h == p.mptcp_side or p.half[p.mptcp_side].done
                               or p.ps != NULL):
         sample_mptcp(w, p, SAMPLE_PATHS)
