@@ -147,6 +147,21 @@ def test_idle_timeout_per_listener_and_per_pair(engine):
             s.close()
 
 
+@pytest.mark.parametrize("side", [-2, 2, 5])
+def test_an_mptcp_side_that_names_no_leg_is_refused(engine, side):
+    """mptcp_side is -1 (none), 0 (the client) or 1 (the upstream): anything else made the
+    compiled engine read past the pair's two sides (and the twin's pair stall)."""
+    relay = engine()
+    lsock = _listener()
+    try:
+        with pytest.raises(ValueError, match="mptcp_side"):
+            relay.listen(lsock.fileno(), socket.AF_INET, ("127.0.0.1", 9), True, side)
+        assert not relay.holds(lsock.fileno())
+    finally:
+        relay.close()
+        lsock.close()
+
+
 @pytest.mark.parametrize("bad", [-1, 1024])
 def test_a_tag_out_of_range_is_refused(engine, bad):
     relay = engine()

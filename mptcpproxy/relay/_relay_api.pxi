@@ -372,6 +372,8 @@ cdef class Relay:
         cdef ListenCfg cfg
         if self._closed:
             raise RuntimeError("the relay is closed")
+        if mptcp_side not in (-1, 0, 1):
+            raise ValueError(f"mptcp_side must be -1, 0 or 1, not {mptcp_side}")
         _check_seconds("connect_timeout", connect_timeout, False)
         memset(&cfg, 0, sizeof(cfg))
         cfg.tag = _check_tag(tag)

@@ -396,6 +396,8 @@ class Relay:
                idle_timeout: float | None = None, splice: bool | None = None) -> None:
         if self._closed:
             raise RuntimeError("the relay is closed")
+        if mptcp_side not in (-1, 0, 1):
+            raise ValueError(f"mptcp_side must be -1, 0 or 1, not {mptcp_side}")
         _check_seconds("connect_timeout", connect_timeout, False)
         cfg = ListenCfg(family, sockaddr, 262 if mptcp else 0, mptcp_side, mark,
                         connect_timeout, _check_tag(tag), self._idle(idle_timeout),
