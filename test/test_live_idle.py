@@ -11,7 +11,7 @@ import time
 import pytest
 from netns import wait_until
 from test_paths import two_paths
-from test_paths_server_first import CONN, connected, listening
+from test_paths_short import CONN, connected, listening
 
 from mptcpproxy import connlog
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from netns import wait_until
 from test_paths import two_paths
-from test_paths_server_first import CONN, connected, listening, relay_to_sink
+from test_paths_short import CONN, connected, listening, relay_to_sink
 
 from mptcpproxy import connlog
 

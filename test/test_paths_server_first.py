@@ -14,43 +14,21 @@ from contextlib import closing
 
 import pytest
 from netns import wait_until
-from test_paths import PORT, ns_socket, two_paths
-from test_paths_short import CLOSED_SHARE, EXCHANGES, _results
+from test_paths import two_paths
+from test_paths_short import (
+    CLOSED_SHARE,
+    CONN,
+    EXCHANGES,
+    _results,
+    connected,
+    listening,
+    read_all,
+    relay_to_sink,
+)
 
 from mptcpproxy import connlog
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
-
-CONN = connlog.Conn(("10.123.220.1", 40000), ("10.123.220.2", PORT), True)
-
-
-def listening(srv, proto: int = 262) -> socket.socket:
-    """A listener on PORT inside `srv` (MPTCP unless `proto` is 0)."""
-    lst = ns_socket(srv, proto)
-    lst.bind(("0.0.0.0", PORT))
-    lst.listen(16)
-    lst.settimeout(10)
-    return lst
-
-
-def connected(cli, lst: socket.socket, dst: str) -> tuple[socket.socket, socket.socket]:
-    """An MPTCP client socket of `cli` connected to `lst`, and its accepted end."""
-    up = ns_socket(cli)
-    up.settimeout(10)
-    up.connect((dst, PORT))
-    conn, _ = lst.accept()
-    conn.settimeout(10)
-    return up, conn
-
-
-def relay_to_sink(relay, conn: socket.socket, conn_id: int) -> socket.socket:
-    """Hand `conn` (the MPTCP leg) and a socketpair to `relay`; returns the sink's end."""
-    sink, y = socket.socketpair()
-    relay.add(conn.fileno(), y.detach(), conn_id, conn.fileno())
-    conn.detach()
-    sink.settimeout(10)
-    return sink
-
 
 def answer_and_close(sink: socket.socket, request: int, response: int) -> int:
     """The server: reads the request, answers, closes first; returns the bytes read."""
@@ -60,13 +38,6 @@ def answer_and_close(sink: socket.socket, request: int, response: int) -> int:
     sink.sendall(b"r" * response)
     sink.shutdown(socket.SHUT_WR)
     return got
-
-
-def read_all(sock: socket.socket) -> int:
-    n = 0
-    while data := sock.recv(65536):
-        n += len(data)
-    return n
 
 
 def check_lines(results) -> None:

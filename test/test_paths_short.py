@@ -22,29 +22,60 @@ EXCHANGES = 12
 CLOSED_SHARE = re.compile(r"closed subflows (\d+)%")
 
 
+CONN = connlog.Conn(("10.123.220.1", 40000), ("10.123.220.2", PORT), True)
+
+
+def listening(srv, proto: int = 262) -> socket.socket:
+    """A listener on PORT inside `srv` (MPTCP unless `proto` is 0)."""
+    lst = ns_socket(srv, proto)
+    lst.bind(("0.0.0.0", PORT))
+    lst.listen(16)
+    lst.settimeout(10)
+    return lst
+
+
+def connected(cli, lst: socket.socket, dst: str) -> tuple[socket.socket, socket.socket]:
+    """An MPTCP client socket of `cli` connected to `lst`, and its accepted end."""
+    up = ns_socket(cli)
+    up.settimeout(10)
+    up.connect((dst, PORT))
+    conn, _ = lst.accept()
+    conn.settimeout(10)
+    return up, conn
+
+
+def relay_to_sink(relay, conn: socket.socket, conn_id: int) -> socket.socket:
+    """Hand `conn` (the MPTCP leg) and a socketpair to `relay`; returns the sink's end."""
+    sink, y = socket.socketpair()
+    relay.add(conn.fileno(), y.detach(), conn_id, conn.fileno())
+    conn.detach()
+    sink.settimeout(10)
+    return sink
+
+
+def read_all(sock: socket.socket) -> int:
+    n = 0
+    while data := sock.recv(65536):
+        n += len(data)
+    return n
+
+
 def _exchange(relays: list, lst: socket.socket, cli, dst: str, request: int, response: int,
               conn_id: int) -> None:
     """One request/response through client relay =MPTCP= server relay: the client sends
     its request and half-closes at once (`nc -N`), then reads the response to its end."""
-    up = ns_socket(cli)
-    up.settimeout(10)
-    up.connect((dst, PORT))
+    up, conn = connected(cli, lst, dst)
     app, b = socket.socketpair()
-    conn, _ = lst.accept()
     relays[0].add(b.detach(), up.fileno(), conn_id, up.fileno())
     up.detach()
-    sink, y = socket.socketpair()
-    relays[1].add(conn.fileno(), y.detach(), conn_id, conn.fileno())
-    conn.detach()
+    sink = relay_to_sink(relays[1], conn, conn_id)
     with app, sink:
         app.settimeout(10)
-        sink.settimeout(10)
         time.sleep(0.05)  # the second path's join (still far from the first periodic sample)
         got = [0]
 
         def serve() -> None:
-            while data := sink.recv(65536):
-                got[0] += len(data)
+            got[0] = read_all(sink)
             sink.sendall(b"r" * response)
             sink.shutdown(socket.SHUT_WR)
 
@@ -52,9 +83,7 @@ def _exchange(relays: list, lst: socket.socket, cli, dst: str, request: int, res
         server.start()
         app.sendall(b"q" * request)
         app.shutdown(socket.SHUT_WR)
-        received = 0
-        while data := app.recv(65536):
-            received += len(data)
+        received = read_all(app)
         server.join(10)
     assert (got[0], received) == (request, response)
 
@@ -81,11 +110,8 @@ def test_a_short_exchange_whose_client_closes_first_names_its_paths_on_both_rela
     bytes still in flight at the last listed sample, up to a third of a 400 kB answer)."""
     cli, srv, l1, _ = two_paths(testbed, rates=None)
     relays = [engine(path_stats=True), engine(path_stats=True)]
-    lst = ns_socket(srv)
+    lst = listening(srv)
     try:
-        lst.bind(("0.0.0.0", PORT))
-        lst.listen(16)
-        lst.settimeout(10)
         for conn_id in range(1, EXCHANGES + 1):
             _exchange(relays, lst, cli, l1.ip_b, 100, response, conn_id)
         client, server = _results(relays, EXCHANGES)
@@ -93,10 +119,9 @@ def test_a_short_exchange_whose_client_closes_first_names_its_paths_on_both_rela
         for relay in relays:
             relay.close()
         lst.close()
-    conn = connlog.Conn(("10.123.220.1", 40000), ("10.123.220.2", PORT), True)
     for side, results in (("client", client), ("server", server)):
         for r in results.values():
-            line, _ = connlog.end_line(r, conn, fields=False)
+            line, _ = connlog.end_line(r, CONN, fields=False)
             assert r.reason == "closed" and r.is_mptcp and " paths=" in line, (side, line)
             closed = CLOSED_SHARE.search(line)
             assert r.subflows < 2 or not closed or int(closed[1]) < 50, (side, line)
