@@ -205,6 +205,11 @@ class Proxy(Results):
             log.info("SIGHUP: %sno configuration file (--config) to reload; ignored",
                      "" if reopened else "no log file to reopen and ")
             return
+        if self.stopping is not None and self.stopping.is_set():
+            # leaving: a listener added now would open (and divert traffic to itself)
+            # after the others stopped diverting, only to be drained at once
+            log.info("SIGHUP: stopping; %s is not reloaded", self.config_path)
+            return
         if self._reloading is not None and not self._reloading.done():
             log.info("SIGHUP: a reload is under way; send SIGHUP again once it has ended")
             return

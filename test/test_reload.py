@@ -257,3 +257,32 @@ def test_a_port_added_back_while_its_old_listener_drains_resets_nothing(tmp_path
         echo.close()
     assert rc == 0, proxy.text()
     assert "Traceback" not in proxy.text()
+
+
+def test_a_reload_during_the_stop_grace_changes_nothing(tmp_path):
+    # SIGHUP after the stop signal (a logrotate or `systemctl reload` racing a stop): the
+    # proxy is leaving, so the file is not applied: a listener it adds would open (and
+    # install its firewall rules) after the others stopped diverting. Before the fix the
+    # added port accepted during the grace.
+    echo = echo_server(threaded=True)
+    port, other = free_port(), free_port()
+    config = tmp_path / "proxy.toml"
+    listener = {"mode": "client", "port": port, "disable_mptcp": True,
+                "remote": f"127.0.0.1:{echo.getsockname()[1]}"}
+    write_config(config, [listener], stop_grace=5)
+    proxy = Proxy(tmp_path, config)
+    try:
+        proxy.wait_log("1 listener(s)")
+        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.wait_log("--stop-grace")
+        write_config(config, [listener, {**listener, "port": other}], stop_grace=5)
+        proxy.hup()
+        wait_for(lambda: "SIGHUP: stopping" in proxy.text() or "reload:" in proxy.text(),
+                 "the SIGHUP handled")
+        assert refused_or_reset(other), "a listener was added while stopping"
+        assert roundtrip(port) == b"ping", "the grace no longer accepts"
+    finally:
+        rc = proxy.stop()
+        echo.close()
+    assert rc == 0, proxy.text()
+    assert "reload:" not in proxy.text()
