@@ -33,9 +33,11 @@ from mptcpproxy.proxyproto import (
 
 log = logging.getLogger("mptcpproxy")
 
-#: Why a client was closed under --accept-proxy: the parser's reasons, the deadline, and a
-#: client that closed (or reset) before its header was complete. The metric's label set.
-ERROR_REASONS = (*REASONS, "timeout", "closed")
+#: Why a client was closed under --accept-proxy: the parser's reasons, the deadline, a
+#: client that closed (or reset) before its header was complete, and one that closed
+#: without sending a byte (a load balancer's connect-only health check). The metric's
+#: label set.
+ERROR_REASONS = (*REASONS, "timeout", "closed", "empty")
 
 
 class Origin:
@@ -97,10 +99,12 @@ class HeaderRead:
             return
         except OSError as exc:
             why = os.strerror(exc.errno or 0).lower()
-            self._fail("closed", f"the client's connection failed ({why}) {self._progress()}")
+            self._fail("closed" if self._buf else "empty",
+                       f"the client's connection failed ({why}) {self._progress()}")
             return
         if not data:
-            self._fail("closed", f"the client closed the connection {self._progress()}")
+            self._fail("closed" if self._buf else "empty",
+                       f"the client closed the connection {self._progress()}")
             return
         try:
             result = parse(self._buf + data)
@@ -162,6 +166,10 @@ class ProxyHeaders:
     def _on_header_error(self, read: HeaderRead, reason: str, message: str) -> None:
         self.connecting.discard(read)
         self.metrics.proxy_header_error(reason)
+        if reason == "empty":  # a health check's connect and close: counted, not a warning
+            log.debug("connection from %s closed without a byte (--accept-proxy)",
+                      sockets.peer_name(read.addr))
+            return
         # anyone can connect and send garbage: one line a second at most
         self._warn_once("proxy-header", "connection from %s closed without a reply: %s "
                         "(--accept-proxy; one such line a second at most)",

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from test_proxyhdr import (
     read_all,
     run_with_proxy,
     split_header,
+    wait_for,
 )
 
 from mptcpproxy import proxyhdr
@@ -193,3 +195,28 @@ def test_clients_swept_from_the_backlog_send_their_header_too(upstream):
     _run_loop(scenario())
     header, rest = split_header(got["data"])
     assert header.source == CLAIMED and rest == b"queued"
+
+
+def test_a_connect_and_close_is_counted_empty_and_not_warned(upstream, proxy_log):
+    """A load balancer's plain health check (HAProxy `check` without `check-send-proxy`)
+    connects and closes, or resets, without a byte: counted under reason "empty", not
+    logged as a failed header every few seconds. A client that stops inside its header is
+    still "closed", and warned about."""
+    def body(proxy: Proxy) -> None:
+        errors = counts(proxy).proxy_header_errors
+        with connect(proxy):
+            pass  # connect and close
+        wait_for(lambda: sum(errors.values()) == 1, "the first close")
+        with connect(proxy) as client:  # connect and reset
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_for(lambda: sum(errors.values()) == 2, "the reset")
+        time.sleep(1.1)  # past the once-a-second limit of the warning line
+        with connect(proxy) as client:
+            client.sendall(b"PROXY TCP4 ")
+        wait_for(lambda: sum(errors.values()) == 3, "the cut header")
+        assert no_connection_for(upstream)
+
+    proxy = run_with_proxy(config(upstream, accept_proxy=True), body)
+    assert dict(counts(proxy).proxy_header_errors) == {"empty": 2, "closed": 1}
+    warnings = [line for line in proxy_log.text.splitlines() if "closed without a reply" in line]
+    assert len(warnings) == 1 and "(11 bytes of it arrived)" in warnings[0], proxy_log.text
