@@ -76,14 +76,21 @@ def check_listener_args(args: argparse.Namespace) -> None:
 _WITH_CONFIG = {"config", "check_config", "verbose", "quiet"}
 
 
+def _given(parser: argparse.ArgumentParser, args: argparse.Namespace,
+           allowed: frozenset[str] | set[str]) -> str:
+    """The options given on the command line (not at their default) other than `allowed`
+    (by dest), as "-m/--mode, -p/--port"; "" when there are none."""
+    given = [a for a in parser._actions if a.dest not in allowed and a.option_strings
+             and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
+    return ", ".join(sorted({"/".join(a.option_strings) for a in given}))
+
+
 def _from_file(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The listeners of --config FILE; a usage error when listener options are given too."""
     from mptcpproxy import configfile
 
-    given = [a for a in parser._actions if a.dest not in _WITH_CONFIG and a.option_strings
-             and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
-    if given:
-        flags = ", ".join(sorted({a.option_strings[-1] for a in given}))
+    flags = _given(parser, args, _WITH_CONFIG)
+    if flags:
         parser.error(f"{flags}: with --config, set it in the file, not on the command line")
     try:
         return configfile.load(args.config)
@@ -99,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # the control plane's loop gives it a meaning, so no moment of the start-up dies of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.connections:
+        flags = _given(parser, args, {"connections", "json"})
+        if flags:
+            parser.error(f"{flags}: --connections only takes --json (it asks a running "
+                         "proxy and exits)")
         from mptcpproxy.connview import run as show_connections
 
         return show_connections(args.connections, args.json, prog=PROG)

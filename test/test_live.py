@@ -349,3 +349,12 @@ def test_the_page_keeps_hostile_values_as_text_in_a_real_browser() -> None:
     assert HOSTILE in dom.by_id("locals").text
     assert not dom.find_all("img") and not dom.find_all("b") and not dom.find_all("i")
     assert dom.find_all("title")[0].text == "mptcp-proxy: live connections"
+
+
+def test_connections_with_proxy_options_is_a_usage_error() -> None:
+    # `--connections` is a command of its own: a listener's options beside it were ignored
+    # (the proxy was not started, the user was not told)
+    proc = _cli("--connections", "127.0.0.1:9", "-m", "client", "-p", "5555", "-q")
+    assert proc.returncode == 2, proc
+    assert "-m/--mode, -p/--port, -q/--quiet" in proc.stderr
+    assert "--connections only takes --json" in proc.stderr
