@@ -53,13 +53,14 @@ from measure import Recorder, run_loopback
 from paths import run_cut, run_shaped
 
 
-def build_loadgen(out_dir: Path) -> str:
-    src = BENCH / "loadgen.c"
-    binary = out_dir / ".bin" / "loadgen"
+def build_c(out_dir: Path, name: str, *flags: str) -> str:
+    """bench/NAME.c built with cc into the results folder (again when the source is newer)."""
+    src = BENCH / f"{name}.c"
+    binary = out_dir / ".bin" / name
     if not binary.exists() or binary.stat().st_mtime < src.stat().st_mtime:
         binary.parent.mkdir(parents=True, exist_ok=True)
         cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(src)], check=True,
+        subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(src), *flags], check=True,
                        timeout=120)
     return str(binary)
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             peers.remove(pe)
 
     nofile = raise_nofile()
-    binary = build_loadgen(args.out)
+    binary = build_c(args.out, "loadgen")
+    build_c(args.out, "barerelay", "-pthread")  # beside it: contenders.barerelay() finds it
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"{'smoke' if args.smoke else 'bench'}-{stamp}.jsonl"
     rec = Recorder(path)

@@ -119,6 +119,24 @@ def _uring(pair: bool, *extra: str) -> Callable[[Session, int], Started]:
     return start
 
 
+def _bare(pair: bool) -> Callable[[Session, int], Started]:
+    """bench/barerelay.c, the floor: a C relay that makes only the system calls relaying
+    needs. As a pair its middle leg is MPTCP, like mptcpproxy's pair."""
+    def start(s: Session, target: int) -> Started:
+        binary = str(Path(s.loadgen).with_name("barerelay"))  # bench.py builds it there
+        port = s.port()
+        if not pair:
+            return Started(port, [s.proxy([binary, str(port), "127.0.0.1", str(target)],
+                                          port, "barerelay")])
+        server_port = s.port()
+        server = s.proxy([binary, str(server_port), "127.0.0.1", str(target),
+                          "--mptcp-listen"], server_port, "barerelay-server")
+        client = s.proxy([binary, str(port), "127.0.0.1", str(server_port),
+                          "--mptcp-upstream"], port, "barerelay-client")
+        return Started(port, [client, server])
+    return start
+
+
 def _uring_check() -> str | None:
     """None when the io_uring prototype is built and the kernel lets it run."""
     probe = "from mptcpproxy.relay._uring import probe; print(probe() or '')"
@@ -276,6 +294,9 @@ PEERS = [
     Peer("pair-no-paths", _pair(PROXY_ENV, PATH_STATS_OFF), groups=("tput", "echo"),
          check=_has_flag(PATH_STATS_OFF)),
     Peer("haproxy-pair", _haproxy_pair, "mptcpize", groups=("tput", "echo")),
+    # the floor: what a relay doing nothing but its system calls reaches on this machine
+    Peer("bare", _bare(pair=False), groups=("tput", "echo")),
+    Peer("bare-pair", _bare(pair=True), groups=("tput", "echo")),
     # issue 16's io_uring prototype (bench/uring_proxy.py): measured only when asked for
     Peer("uring", _uring(pair=False), check=_uring_check, optional=True),
     Peer("uring-pair", _uring(pair=True), check=_uring_check, groups=("tput", "echo"),

@@ -24,6 +24,8 @@ PEER_LABELS = {
     "socat": "socat",
     "pair-no-paths": "mptcpproxy pair --no-path-stats",
     "haproxy-pair": "HAProxy pair under mptcpize TCP→MPTCP→TCP",
+    "bare": "bare C relay TCP→TCP (the floor)",
+    "bare-pair": "bare C relay pair TCP→MPTCP→TCP (the floor)",
     "uring": "io_uring prototype TCP→TCP",
     "uring-pair": "io_uring prototype pair TCP→MPTCP→TCP",
     "uring-ms": "io_uring prototype, multishot accept",

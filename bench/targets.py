@@ -103,6 +103,7 @@ def targets(r: Results, ours: tuple[str, ...] = DEFAULTS[0],
 # Round two (issue 16): the default command line (an INFO line per connection), judged
 # once; the same figures with -q are shown beside them.
 PAIR, HAPROXY_PAIR = "pair", "haproxy-pair"
+BARE, BARE_PAIR = "bare", "bare-pair"  # bench/barerelay.c: the floor
 # round one's targets that must not regress (by name, as targets() names them)
 KEEP = ("8-stream throughput vs HAProxy", "new connections/s vs HAProxy",
         "1000 simultaneous connects: all served, p99 set-up",
@@ -125,34 +126,44 @@ def _versus(r: Results, metric: str, ours: str, theirs: tuple[str, ...],
             f"{PEER_LABELS[which]})", ratio)
 
 
-def round_two(r: Results) -> list[tuple[Target, str]]:
-    """Issue 16's targets: (the target with the default command line, the same with -q)."""
-    out: list[tuple[Target, str]] = []
+def _worst(r: Results, ours: str, ref: tuple[str, ...], goal: float) -> tuple[str, float | None]:
+    """The worst of the three connection rates, as _versus gives it, and its ratio."""
+    rates = [(ratio, n, measured) for n, metric in CONCURRENCIES
+             for measured, ratio in [_versus(r, metric, ours, ref, goal)] if ratio is not None]
+    if not rates:
+        return "–", None
+    ratio, n, measured = min(rates)
+    return f"{measured}, the worst: at {n} in flight", ratio
+
+
+def round_two(r: Results) -> list[tuple[Target, str, str]]:
+    """Issue 16's targets: (the target with the default command line, the same with -q, the
+    same for the bare C relay: the floor, what a relay reaches with nothing but its
+    system calls)."""
+    out: list[tuple[Target, str, str]] = []
     theirs = DEFAULTS[1]
 
     def row(name: str, metric: str, goal: float, ours: str = "tcp",
-            ref: tuple[str, ...] = theirs, quiet: str | None = "tcp-quiet") -> None:
+            ref: tuple[str, ...] = theirs, quiet: str | None = "tcp-quiet",
+            floor: str = BARE) -> None:
         measured, ratio = _versus(r, metric, ours, ref, goal)
         alt = _versus(r, metric, quiet, ref, goal)[0] if quiet else "–"
         out.append((Target(name, f"≥ {goal:g}×", measured,
-                           None if ratio is None else ratio >= goal), alt))
+                           None if ratio is None else ratio >= goal), alt,
+                    _versus(r, metric, floor, ref, goal)[0]))
 
     for n, metric in CONCURRENCIES:
         row(f"new connections/s vs HAProxy, {n} in flight", metric, 1.2)
     row("ping-pong round trips/s vs HAProxy, two CPUs", "rt_per_s", 1.2)
     row("ping-pong round trips/s vs HAProxy, all on one CPU", "rt1cpu_per_s", 1.1)
     ref = (HAPROXY_PAIR,)
-    row("pair vs HAProxy pair under mptcpize: 1 stream", "tput1_gbps", 1.5, PAIR, ref, None)
-    # the worst of the three connection rates is the one judged
-    rates = [(ratio, n, measured) for n, metric in CONCURRENCIES
-             for measured, ratio in [_versus(r, metric, PAIR, ref, 1.2)] if ratio is not None]
-    if rates:
-        ratio, n, measured = min(rates)
-        measured, ok = f"{measured}, the worst: at {n} in flight", ratio >= 1.2
-    else:
-        measured, ok = "–", None
+    row("pair vs HAProxy pair under mptcpize: 1 stream", "tput1_gbps", 1.5, PAIR, ref, None,
+        BARE_PAIR)
+    measured, ratio = _worst(r, PAIR, ref, 1.2)
     out.append((Target("pair vs HAProxy pair under mptcpize: new connections/s (8, 16, 64 "
-                       "in flight)", "≥ 1.2× each", measured, ok), "–"))
+                       "in flight)", "≥ 1.2× each", measured,
+                       None if ratio is None else ratio >= 1.2), "–",
+                _worst(r, BARE_PAIR, ref, 1.2)[0]))
     kept = [t for t in targets(r) if t.name in KEEP]
     judged_kept = [t for t in kept if t.ok is not None]
     missed = [t.name for t in judged_kept if not t.ok]
@@ -160,5 +171,5 @@ def round_two(r: Results) -> list[tuple[Target, str]]:
                        "all", "–" if not judged_kept else
                        f"{len(judged_kept) - len(missed)} of {len(judged_kept)}"
                        + (f"; missed: {', '.join(missed)}" if missed else ""),
-                       None if not judged_kept else not missed), "–"))
+                       None if not judged_kept else not missed), "–", "–"))
     return out
