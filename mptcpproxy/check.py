@@ -151,6 +151,11 @@ def _listened(ep: Endpoint, bind: str | None) -> bool:
     return _same(ep.address, bind)
 
 
+CHECKSUM_NOTE = (
+    "DSS checksums are off (net.mptcp.checksum_enabled = 0): a kernel bug that delivers "
+    "corrupted bytes on connections with a joined subflow under packet loss was seen on "
+    "Linux 6.18 (about 1 connection in 100; docs/operating.md, 'Data integrity and the "
+    "kernel'); with checksums on at both ends the kernel catches it, for 5-8 % of bulk speed")
 C_FLAG_FIX = "sysctl -w net.mptcp.allow_join_initial_addr_port=1"
 SIGNAL_FIX = "ip mptcp endpoint add ADDR2 dev DEV2 signal"
 UNBIND_FIX = ("leave out -b, so that the proxy listens on every address (restrict who may "
@@ -270,6 +275,8 @@ def diagnose(state: KernelState, mode: str | None = None,
         findings += _client(state, subflow_eps)
     if mode in (None, "server"):
         findings += _server(state, signal_eps, bind)
+    if state.checksum_enabled == 0 and state.subflows:
+        findings.append(Finding(False, CHECKSUM_NOTE, ("sysctl -w net.mptcp.checksum_enabled=1",)))
     return findings + _join_counters(state, mode, signal_eps)
 
 
@@ -293,6 +300,8 @@ def _describe(state: KernelState) -> list[str]:
         lines.append(f"  joins:         net.mptcp.allow_join_initial_addr_port = "
                      f"{state.allow_join_initial_addr_port}: clients {may} join the address "
                      "they connected to")
+    if state.checksum_enabled is not None:
+        lines.append(f"  checksums:     net.mptcp.checksum_enabled = {state.checksum_enabled}")
     counters = state.counters or {}
     names = [n for n in ("MPJoinSynTx", "MPJoinSynAckRx", "MPJoinNoTokenFound") if n in counters]
     if names:

@@ -57,6 +57,7 @@ class KernelState:
     allow_join_initial_addr_port: int | None = None
     # MPTcpExt counters since the namespace was made (MPJoinSynTx, MPJoinNoTokenFound, ...)
     counters: Mapping[str, int] | None = None
+    checksum_enabled: int | None = None  # net.mptcp.checksum_enabled (DSS checksums)
 
 
 def parse_netstat(text: str, section: str = "MPTcpExt") -> dict[str, int]:
@@ -157,6 +158,7 @@ def read_state(ip: str = "ip", timeout: float = IP_TIMEOUT) -> KernelState:
         "path_manager": _path_manager(),
         "allow_join_initial_addr_port": _int_sysctl("allow_join_initial_addr_port"),
         "counters": read_counters(),
+        "checksum_enabled": _int_sysctl("checksum_enabled"),
     }
     try:
         limits = parse_limits(_ip(["-j", "mptcp", "limits", "show"], ip, timeout))

@@ -1,7 +1,9 @@
 """A sha256-checking service and its client, run inside the scale-out test's namespaces.
 
-    python shaservice.py serve PORT NAME        every connection: read to EOF, answer one JSON
-                                                line {"backend": NAME, "bytes", "sha256"}, close
+    python shaservice.py [--save DIR] serve PORT NAME
+                                                every connection: read to EOF, answer one JSON
+                                                line {"backend": NAME, "bytes", "sha256"}, close;
+                                                --save: also keep its bytes in DIR/NAME-N.bin
     python shaservice.py [--rate B/s] [--seed S] send HOST PORT SIZE N
                                                 N connections one after another, each sending
                                                 SIZE seeded bytes, half-closing and checking
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 CHUNK = 64 * 1024
 PROGRESS_EVERY = 1 << 20
@@ -32,35 +36,52 @@ def report(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def answer(conn: socket.socket, name: str, timeout: float) -> None:
+def answer(conn: socket.socket, name: str, timeout: float, save: str | None) -> None:
     digest, total = hashlib.sha256(), 0
+    out = open(save, "wb") if save else None  # noqa: SIM115 (closed below)
     with conn:
         conn.settimeout(timeout)
         try:
             for data in iter(lambda: conn.recv(CHUNK), b""):
                 digest.update(data)
                 total += len(data)
+                if out is not None:
+                    out.write(data)
             reply = {"backend": name, "bytes": total, "sha256": digest.hexdigest()}
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass  # the client sees the missing answer
+        finally:
+            if out is not None:
+                out.close()
 
 
-def serve(port: int, name: str, timeout: float) -> int:
+def serve(port: int, name: str, timeout: float, save: str | None = None) -> int:
     with socket.create_server(("::", port), family=socket.AF_INET6, backlog=128,
                               dualstack_ipv6=True) as lsock:
-        while True:  # stopped by the test bed
+        for n in itertools.count():  # stopped by the test bed
             conn, _ = lsock.accept()
-            threading.Thread(target=answer, args=(conn, name, timeout), daemon=True).start()
+            path = f"{save}/{name}-{n:05d}.bin" if save else None
+            threading.Thread(target=answer, args=(conn, name, timeout, path),
+                             daemon=True).start()
+    return 0
+
+
+def stream(seed: int, size: int) -> Iterator[bytes]:
+    """The bytes a sender with this seed sends, in the chunks it sends them."""
+    rng, sent = random.Random(seed), 0
+    while sent < size:
+        data = rng.randbytes(min(CHUNK, size - sent))
+        sent += len(data)
+        yield data
 
 
 def send_one(host: str, port: int, size: int, seed: int, i: int, rate: float | None,
              timeout: float) -> dict:
-    rng, digest, sent = random.Random(seed), hashlib.sha256(), 0
+    digest, sent = hashlib.sha256(), 0
     start, next_report = time.monotonic(), PROGRESS_EVERY
     with socket.create_connection((host, port), timeout=timeout) as conn:
-        while sent < size:
-            data = rng.randbytes(min(CHUNK, size - sent))
+        for data in stream(seed, size):
             conn.sendall(data)
             digest.update(data)
             sent += len(data)
@@ -86,12 +107,13 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=None, help="send: bytes a second")
     parser.add_argument("--seed", type=int, default=0, help="send: the first stream's seed")
+    parser.add_argument("--save", metavar="DIR", help="serve: keep each connection's bytes")
     parser.add_argument("cmd", choices=("serve", "send"))
     parser.add_argument("where", nargs="+", help="serve: PORT NAME; send: HOST PORT SIZE N")
     args = parser.parse_args()
     if args.cmd == "serve":
         port, name = args.where
-        return serve(int(port), name, args.timeout)
+        return serve(int(port), name, args.timeout, args.save)
     host, port, size, count = args.where
     port, size, count = int(port), int(size), int(count)
     bad = 0

@@ -421,3 +421,17 @@ def test_source_client_without_cap_net_admin_fails_the_check(monkeypatch) -> Non
     monkeypatch.setattr(firewall, "has_cap_net_admin", lambda: True)
     out = io.StringIO()
     assert check.run_check("server", out, source="client", port=4444) == 0, out.getvalue()
+
+
+def test_checksums_off_is_a_note_with_its_fix() -> None:
+    # DSS checksums catch a kernel bug that corrupted bytes on joined subflows (Linux 6.18,
+    # test/kernel_integrity.py): a note, never a problem; not said where no subflow can join
+    fix = "sysctl -w net.mptcp.checksum_enabled=1"
+    off = diagnose(state(checksum_enabled=0, endpoints=(ep("10.0.0.1", "signal"),)), "server")
+    (note,) = [f for f in off if fix in f.fixes]
+    assert not note.blocking and not note.warn
+    assert "checksums are off" in note.text and "docs/operating.md" in note.text
+    report = format_report(state(checksum_enabled=0), off, "server")
+    assert "  checksums:     net.mptcp.checksum_enabled = 0" in report
+    for quiet in (state(checksum_enabled=1), state(checksum_enabled=0, subflows=0), state()):
+        assert fix not in all_fixes(diagnose(quiet, "client"))
