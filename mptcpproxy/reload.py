@@ -47,6 +47,12 @@ async def reload(proxy) -> bool:
         started = await proxy._prepare([*added, *replaced])
     except ListenerError as exc:
         return _failed(proxy, str(exc))
+    if proxy.stopping is not None and proxy.stopping.is_set():
+        # the stop signal came while the new sockets opened (a name still resolving): the
+        # proxy is leaving, so none of them serves nor installs its rules (see _on_hangup)
+        _discard(proxy, started)
+        log.info("reload: stopping; %s is not applied", path)
+        return False
     # A replaced listener's rules go first: the new one's have the same names (the port).
     outgoing = [running[c.port] for c in replaced]
     for lst in outgoing:
@@ -55,9 +61,7 @@ async def reload(proxy) -> bool:
         for lst in started:
             lst.setup_firewall()
     except Exception as exc:  # firewall.FirewallError
-        for lst in started:
-            lst.close()
-            proxy.by_tag.pop(lst.tag, None)
+        _discard(proxy, started)
         for lst in outgoing:
             lst.setup_firewall()  # back as they were
         return _failed(proxy, str(exc))
@@ -85,6 +89,12 @@ async def reload(proxy) -> bool:
     if proxy._retired_timer is None:
         proxy._close_retired()
     return True
+
+
+def _discard(proxy, started: list[Listener]) -> None:
+    for lst in started:
+        lst.close()
+        proxy.by_tag.pop(lst.tag, None)
 
 
 def _failed(proxy, why: str) -> bool:

@@ -14,8 +14,9 @@ import time
 
 import pytest
 from test_metrics import uvloop_primed  # noqa: F401  (a module fixture: libuv's global pipe)
+from test_reload import write_config
 
-from mptcpproxy import control
+from mptcpproxy import configfile, control, listener
 from mptcpproxy.config import Config, HostPort
 from mptcpproxy.control import Proxy, _run_loop
 from mptcpproxy.relay import Relay
@@ -222,3 +223,53 @@ def test_a_pair_the_relay_refuses_leaks_nothing(watched, proxy_log) -> None:
     assert "cannot be relayed: cannot allocate memory" in proxy_log.text, proxy_log.text
     assert only_listener(proxy).metrics.closed["error"] == 1
     assert "Traceback" not in proxy_log.text
+
+
+def test_a_reload_under_way_at_the_stop_adds_no_listener(tmp_path, monkeypatch,
+                                                          proxy_log) -> None:
+    """SIGHUP, then SIGTERM while the reload still resolves a new listener's upstream
+    name: the reload must not go on to open that listener (and install its rules) during
+    --stop-grace, after the others stopped diverting. Before the fix the added port
+    accepted during the grace."""
+    with socket.socket() as upstream:
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen(8)
+        up = upstream.getsockname()[1]
+        port, added = free_port(), free_port()
+        path = tmp_path / "proxy.toml"
+        base = {"mode": "client", "port": port, "bind": "127.0.0.1", "disable_mptcp": True,
+                "remote": f"127.0.0.1:{up}"}
+        write_config(path, [base], workers=1, stop_grace=2)
+        proxy = Proxy(configfile.load(str(path)).listeners, str(path))
+        write_config(path, [base, {**base, "port": added, "remote": f"localhost:{up}"}],
+                     workers=1, stop_grace=2)
+        real_resolve = listener.resolve
+
+        async def scenario() -> None:
+            entered, release = asyncio.Event(), asyncio.Event()
+
+            async def slow_resolve(loop, target):  # a slow DNS answer
+                entered.set()
+                await release.wait()
+                return await real_resolve(loop, target)
+
+            monkeypatch.setattr(listener, "resolve", slow_resolve)
+            serving = asyncio.ensure_future(proxy.serve())
+            while not proxy.ready:
+                await asyncio.sleep(0.01)
+            proxy._on_hangup()
+            await asyncio.wait_for(entered.wait(), TIMEOUT)
+            proxy._on_stop_signal()
+            while "--stop-grace" not in proxy_log.text:
+                await asyncio.sleep(0.01)
+            release.set()
+            await asyncio.wait_for(asyncio.shield(proxy._reloading), TIMEOUT)
+            try:
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", added), timeout=TIMEOUT).close()
+            finally:
+                proxy._on_stop_signal()  # a second one: no more grace
+                await asyncio.wait_for(serving, TIMEOUT)
+
+        _run_loop(scenario())
+    assert "stopped" in proxy_log.text
