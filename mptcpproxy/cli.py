@@ -76,20 +76,25 @@ def check_listener_args(args: argparse.Namespace) -> None:
 _WITH_CONFIG = {"config", "check_config", "verbose", "quiet"}
 
 
-def _given(parser: argparse.ArgumentParser, args: argparse.Namespace,
-           allowed: frozenset[str] | set[str]) -> str:
-    """The options given on the command line (not at their default) other than `allowed`
-    (by dest), as "-m/--mode, -p/--port"; "" when there are none."""
+def _given(argv: list[str] | None, allowed: frozenset[str] | set[str]) -> str:
+    """The options on the command line `argv` (already parsed once), even at their default
+    value (--stop-grace 0), other than `allowed` (by dest), as "-m/--mode, -p/--port"; ""
+    when there are none."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # only what the command line gave is set
+    seen = parser.parse_args(argv)
     given = [a for a in parser._actions if a.dest not in allowed and a.option_strings
-             and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
+             and a.dest != "help" and hasattr(seen, a.dest)]
     return ", ".join(sorted({"/".join(a.option_strings) for a in given}))
 
 
-def _from_file(parser: argparse.ArgumentParser, args: argparse.Namespace):
+def _from_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               argv: list[str] | None):
     """The listeners of --config FILE; a usage error when listener options are given too."""
     from mptcpproxy import configfile
 
-    flags = _given(parser, args, _WITH_CONFIG)
+    flags = _given(argv, _WITH_CONFIG)
     if flags:
         parser.error(f"{flags}: with --config, set it in the file, not on the command line")
     try:
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     # the control plane's loop gives it a meaning, so no moment of the start-up dies of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.connections:
-        flags = _given(parser, args, {"connections", "json"})
+        flags = _given(argv, {"connections", "json"})
         if flags:
             parser.error(f"{flags}: --connections only takes --json (it asks a running "
                          "proxy and exits)")
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         from mptcpproxy import configfile
 
-        loaded = _from_file(parser, args)
+        loaded = _from_file(parser, args, argv)
         configs, settings = list(loaded.listeners), loaded.settings
         if args.check_config:
             print(f"{args.config}: valid; {len(configs)} listener"

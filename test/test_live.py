@@ -358,3 +358,11 @@ def test_connections_with_proxy_options_is_a_usage_error() -> None:
     assert proc.returncode == 2, proc
     assert "-m/--mode, -p/--port, -q/--quiet" in proc.stderr
     assert "--connections only takes --json" in proc.stderr
+
+
+def test_connections_with_an_option_at_its_default_value_is_a_usage_error() -> None:
+    # an option given with its default value (--stop-grace 0, --no-splice, --log-format text)
+    # is still given: it was ignored silently, the proxy not started
+    proc = _cli("--connections", "127.0.0.1:9", "--stop-grace", "0", "--no-splice")
+    assert proc.returncode == 2, proc
+    assert "--splice/--no-splice, --stop-grace: --connections only takes --json" in proc.stderr
