@@ -73,7 +73,9 @@ static void set_interest(int ep, struct conn *c, int side) {
         want |= EPOLLOUT;
     if (want == c->interest[side])
         return;
-    struct epoll_event ev = {.events = want, .data.ptr = &c->end[side]};
+    /* epoll reports a hang-up (and an error) whatever the interest: with none, once only,
+     * else a socket whose FIN is in while its bytes wait for the other end spins the loop */
+    struct epoll_event ev = {.events = want ? want : EPOLLONESHOT, .data.ptr = &c->end[side]};
     if (epoll_ctl(ep, EPOLL_CTL_MOD, c->fd[side], &ev) < 0)
         die("epoll_ctl");
     c->interest[side] = want;
@@ -166,7 +168,7 @@ static void accept_all(int ep) {
         }
         c->connecting = rc < 0;
         for (int side = 0; side < 2; side++) {
-            struct epoll_event ev = {.events = 0, .data.ptr = &c->end[side]};
+            struct epoll_event ev = {.events = EPOLLONESHOT, .data.ptr = &c->end[side]};
             if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd[side], &ev) < 0)
                 die("epoll_ctl");
             set_interest(ep, c, side);
