@@ -130,8 +130,25 @@ class HeaderRead:
 
     def _timed_out(self) -> None:
         self._timer = None
+        gone = self._gone()
+        if gone is not None:
+            self._fail("closed" if self._buf else "empty", gone)
+            return
         self._fail("timeout", f"no complete PROXY header within {self._timeout:g} s "
                               f"({len(self._buf)} bytes of it arrived; --proxy-timeout)")
+
+    def _gone(self) -> str | None:
+        """Why the client's connection is over (closed or reset), None while it is not.
+        Asked at the deadline too: uvloop drops the reader of a socket whose first event
+        carries an error (a byte, then a reset, before the first read), without a call."""
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            why = os.strerror(exc.errno or 0).lower()
+            return f"the client's connection failed ({why}) {self._progress()}"
+        return None if data else f"the client closed the connection {self._progress()}"
 
     def _finish(self) -> None:
         if self._timer is not None:

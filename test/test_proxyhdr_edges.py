@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import test_proxyhdr
@@ -220,3 +221,46 @@ def test_a_connect_and_close_is_counted_empty_and_not_warned(upstream, proxy_log
     assert dict(counts(proxy).proxy_header_errors) == {"empty": 2, "closed": 1}
     warnings = [line for line in proxy_log.text.splitlines() if "closed without a reply" in line]
     assert len(warnings) == 1 and "(11 bytes of it arrived)" in warnings[0], proxy_log.text
+
+
+def test_a_byte_then_a_reset_is_counted_closed_not_timeout(upstream):
+    """One byte of a header, then a reset at once, before the proxy read anything: uvloop
+    drops the reader of a socket whose first event carries the error, so the proxy only
+    learns of it at --proxy-timeout; it must still say the client went away, not that it
+    was slow (it said "timeout" for 3 of 3)."""
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mptcpproxy", "-m", "client", "-p", str(port), "-b",
+         "127.0.0.1", "-r", f"127.0.0.1:{upstream.getsockname()[1]}", "--disable-mptcp",
+         "--accept-proxy", "--proxy-timeout", "1", "--workers", "1",
+         "--metrics", f"127.0.0.1:{metrics}"],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    url = f"http://127.0.0.1:{metrics}/metrics"
+
+    def errors() -> dict[str, float]:
+        got = samples(urllib.request.urlopen(url, timeout=TIMEOUT).read().decode())
+        return {reason: value(got, "mptcpproxy_proxy_header_errors_total", reason=reason)
+                for reason in ("closed", "timeout")}
+
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                errors()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no metrics"
+                time.sleep(0.05)
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            client.send(b"P")
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        wait_for(lambda: sum(errors().values()) == 3, "the three clients' ends")
+        assert errors() == {"closed": 3, "timeout": 0}
+        assert no_connection_for(upstream)
+    finally:
+        proc.terminate()
+        stderr = proc.communicate(timeout=TIMEOUT)[1]
+    assert "no complete PROXY header within" not in stderr, stderr
+    assert "Traceback" not in stderr, stderr
