@@ -93,18 +93,8 @@ class HeaderRead:
         self.loop.add_reader(self.client.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        try:
-            data = self.client.recv(DEFAULT_MAX_V2 - len(self._buf), socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            why = os.strerror(exc.errno or 0).lower()
-            self._fail("closed" if self._buf else "empty",
-                       f"the client's connection failed ({why}) {self._progress()}")
-            return
-        if not data:
-            self._fail("closed" if self._buf else "empty",
-                       f"the client closed the connection {self._progress()}")
+        data = self._peek(DEFAULT_MAX_V2 - len(self._buf))
+        if not data:  # none yet, or the connection ended (_peek failed it)
             return
         try:
             result = parse(self._buf + data)
@@ -125,30 +115,34 @@ class HeaderRead:
             self._finish()
             self.on_done(self, result)
 
+    def _peek(self, size: int) -> bytes | None:
+        """Up to `size` queued bytes, left in the queue; None when there are none yet; b""
+        when the client's connection ended (closed or reset), which fails the read:
+        "closed", or "empty" before its first byte."""
+        try:
+            data = self.client.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            why = f"the client's connection failed ({os.strerror(exc.errno or 0).lower()})"
+        else:
+            if data:
+                return data
+            why = "the client closed the connection"
+        self._fail("closed" if self._buf else "empty", f"{why} {self._progress()}")
+        return b""
+
     def _progress(self) -> str:
         return f"before a complete PROXY header ({len(self._buf)} bytes of it arrived)"
 
     def _timed_out(self) -> None:
         self._timer = None
-        gone = self._gone()
-        if gone is not None:
-            self._fail("closed" if self._buf else "empty", gone)
-            return
+        # Look first: uvloop drops the reader of a socket whose first event carries an
+        # error (a byte, then a reset, before the first read), without calling it.
+        if self._peek(1) == b"":
+            return  # the connection ended: _peek said how
         self._fail("timeout", f"no complete PROXY header within {self._timeout:g} s "
                               f"({len(self._buf)} bytes of it arrived; --proxy-timeout)")
-
-    def _gone(self) -> str | None:
-        """Why the client's connection is over (closed or reset), None while it is not.
-        Asked at the deadline too: uvloop drops the reader of a socket whose first event
-        carries an error (a byte, then a reset, before the first read), without a call."""
-        try:
-            data = self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            why = os.strerror(exc.errno or 0).lower()
-            return f"the client's connection failed ({why}) {self._progress()}"
-        return None if data else f"the client closed the connection {self._progress()}"
 
     def _finish(self) -> None:
         if self._timer is not None:

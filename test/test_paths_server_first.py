@@ -24,6 +24,7 @@ from test_paths_short import (
     listening,
     read_all,
     relay_to_sink,
+    through_pair,
 )
 
 from mptcpproxy import connlog
@@ -53,14 +54,8 @@ def _exchange(relays: list, lst: socket.socket, cli, dst: str, request: int, res
               conn_id: int) -> None:
     """client relay =MPTCP= server relay: the client sends its request and reads the answer
     to its end; the server answers and closes first; then the client half-closes."""
-    up, conn = connected(cli, lst, dst)
-    app, b = socket.socketpair()
-    relays[0].add(b.detach(), up.fileno(), conn_id, up.fileno())
-    up.detach()
-    sink = relay_to_sink(relays[1], conn, conn_id)
+    app, sink = through_pair(relays, lst, cli, dst, conn_id)
     with app, sink:
-        app.settimeout(10)
-        time.sleep(0.05)  # the second path's join (still far from the first periodic sample)
         got = [0]
         server = threading.Thread(target=lambda: got.__setitem__(
             0, answer_and_close(sink, request, response)))

@@ -53,6 +53,21 @@ def relay_to_sink(relay, conn: socket.socket, conn_id: int) -> socket.socket:
     return sink
 
 
+def through_pair(relays: list, lst: socket.socket, cli, dst: str,
+                 conn_id: int) -> tuple[socket.socket, socket.socket]:
+    """An application's socket into client relay =MPTCP= server relay and the sink's end
+    behind them, once the second path has had time to join (still far from the first
+    periodic sample)."""
+    up, conn = connected(cli, lst, dst)
+    app, b = socket.socketpair()
+    relays[0].add(b.detach(), up.fileno(), conn_id, up.fileno())
+    up.detach()
+    sink = relay_to_sink(relays[1], conn, conn_id)
+    app.settimeout(10)
+    time.sleep(0.05)
+    return app, sink
+
+
 def read_all(sock: socket.socket) -> int:
     n = 0
     while data := sock.recv(65536):
@@ -64,14 +79,8 @@ def _exchange(relays: list, lst: socket.socket, cli, dst: str, request: int, res
               conn_id: int) -> None:
     """One request/response through client relay =MPTCP= server relay: the client sends
     its request and half-closes at once (`nc -N`), then reads the response to its end."""
-    up, conn = connected(cli, lst, dst)
-    app, b = socket.socketpair()
-    relays[0].add(b.detach(), up.fileno(), conn_id, up.fileno())
-    up.detach()
-    sink = relay_to_sink(relays[1], conn, conn_id)
+    app, sink = through_pair(relays, lst, cli, dst, conn_id)
     with app, sink:
-        app.settimeout(10)
-        time.sleep(0.05)  # the second path's join (still far from the first periodic sample)
         got = [0]
 
         def serve() -> None:

@@ -224,15 +224,21 @@ def test_sighup_without_config_reopens_or_is_ignored(tmp_path):
     assert b"no configuration file (--config) to reload; ignored" in err
 
 
+def echo_listener() -> tuple[socket.socket, dict, int]:
+    """A threaded echo service, a TCP client listener (as a [[listener]] table) on a free
+    port forwarding to it, and another free port."""
+    echo = echo_server(threaded=True)
+    listener = {"mode": "client", "port": free_port(), "disable_mptcp": True,
+                "remote": f"127.0.0.1:{echo.getsockname()[1]}"}
+    return echo, listener, free_port()
+
+
 def test_a_port_added_back_while_its_old_listener_drains_resets_nothing(tmp_path):
     # Removed, then added back by the next reload while a connection of the old listener is
     # still open: the draining socket shares the port (SO_REUSEPORT) and reset the new
     # clients the kernel gave it (15 of 40 before the fix).
-    echo = echo_server(threaded=True)
-    port, other = free_port(), free_port()
-    config = tmp_path / "proxy.toml"
-    listener = {"mode": "client", "port": port, "disable_mptcp": True,
-                "remote": f"127.0.0.1:{echo.getsockname()[1]}"}
+    echo, listener, other = echo_listener()
+    port, config = listener["port"], tmp_path / "proxy.toml"
     write_config(config, [listener])
     proxy = Proxy(tmp_path, config)
     held = None
@@ -264,11 +270,8 @@ def test_a_reload_during_the_stop_grace_changes_nothing(tmp_path):
     # proxy is leaving, so the file is not applied: a listener it adds would open (and
     # install its firewall rules) after the others stopped diverting. Before the fix the
     # added port accepted during the grace.
-    echo = echo_server(threaded=True)
-    port, other = free_port(), free_port()
-    config = tmp_path / "proxy.toml"
-    listener = {"mode": "client", "port": port, "disable_mptcp": True,
-                "remote": f"127.0.0.1:{echo.getsockname()[1]}"}
+    echo, listener, other = echo_listener()
+    port, config = listener["port"], tmp_path / "proxy.toml"
     write_config(config, [listener], stop_grace=5)
     proxy = Proxy(tmp_path, config)
     try:
